@@ -1,0 +1,187 @@
+"""One loaded policy and every check the control loop wraps around a call to it.
+
+A student (or the teacher) is served from its ONNX export through :class:`OnnxPolicy` (or the teacher's
+denoiser through :class:`OnnxDenoiserLoop` when only that exists). Each call's output is judged here:
+exception, wrong shape, NaN/inf, actions outside the joint limits, a missed deadline, or an out-of-
+distribution score above the threshold all make the tick unhealthy, with a reason a person can act on.
+
+Noise is drawn once per episode from ``(seed, episode)``: replanning every tick with the same noise keeps a
+bimodal policy on the side it chose, and a new episode gets a new draw.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from koopman_control.core.supervisor import HEALTHY, Health
+
+
+class PolicyLoadError(ValueError):
+    """A policy that cannot be served: unknown name, missing or corrupt file, or wrong interface."""
+
+
+@dataclass
+class StepResult:
+    chunk: np.ndarray | None  # (H, Da) raw joint positions, None when the call failed
+    ood_score: float | None
+    compute_s: float
+    health: Health
+
+
+def load_model(name_or_path: str | None, *, root: str | Path | None = None, intra_op_threads: int = 1,
+               seed: int = 0, teacher_steps: int = 10) -> tuple[Any, str, str]:
+    """Resolve a catalogue name or path and open its ONNX export; returns (model, name, file)."""
+    from koopman_policy.catalog import resolve_policy
+    from koopman_policy.onnx_policy import ModelLoadError, OnnxDenoiserLoop, OnnxPolicy
+
+    try:
+        entry = resolve_policy(name_or_path or None, root=root)
+    except ValueError as err:  # UnknownPolicyError, CatalogError
+        raise PolicyLoadError(str(err)) from None
+    try:
+        if entry.onnx is not None and entry.onnx.is_file():
+            model = OnnxPolicy(entry.onnx, intra_op_threads=intra_op_threads, seed=seed,
+                               expected_sha256=entry.expected_sha256("onnx"))
+            return model, entry.name, str(entry.onnx)
+        if entry.onnx_denoiser is not None and entry.onnx_denoiser.is_file():
+            model = OnnxDenoiserLoop(entry.onnx_denoiser, intra_op_threads=intra_op_threads, seed=seed,
+                                     expected_sha256=entry.expected_sha256("onnx_denoiser"),
+                                     sampler="ddim", num_inference_steps=teacher_steps)
+            return model, entry.name, str(entry.onnx_denoiser)
+    except ModelLoadError as err:
+        raise PolicyLoadError(f"policy {entry.name!r}: {err}") from None
+    except (ValueError, RuntimeError, OSError) as err:  # onnxruntime raises plain RuntimeError subclasses
+        raise PolicyLoadError(f"policy {entry.name!r}: cannot load: {err}") from None
+    wanted = entry.onnx or entry.onnx_denoiser
+    raise PolicyLoadError(
+        f"policy {entry.name!r}: ONNX file {wanted} does not exist (export it with `koopman-distill export`)"
+    )
+
+
+class PolicyRunner:
+    """A model plus its health checks, noise and observation layout."""
+
+    def __init__(self, model: Any, name: str, source: str, *, seed: int = 0, ood_threshold: float | None = None,
+                 limit_margin: float = 0.0, clock: Callable[[], int] = time.time_ns) -> None:
+        self.model = model
+        self.name = name
+        self.source = source
+        self.meta = model.metadata
+        self.seed = int(seed)
+        self.limit_margin = float(limit_margin)
+        self.clock = clock
+        m = self.meta
+        self.is_teacher = m.method == "teacher"
+        self.ood_threshold = ood_threshold if ood_threshold is not None and ood_threshold > 0 else m.ood_threshold
+        self.lower = np.asarray(m.action_limit_low, dtype=np.float64) - self.limit_margin
+        self.upper = np.asarray(m.action_limit_high, dtype=np.float64) + self.limit_margin
+        self.episode: int | None = None
+        self.noise = np.zeros((m.horizon, m.action_dim), np.float32)
+        self._perm_cache: dict[tuple[str, ...], np.ndarray] = {}
+        self.new_episode(0)
+
+    @classmethod
+    def load(cls, name_or_path: str | None, *, root: str | Path | None = None, intra_op_threads: int = 1,
+             seed: int = 0, teacher_steps: int = 10, ood_threshold: float | None = None,
+             limit_margin: float = 0.0) -> PolicyRunner:
+        model, name, source = load_model(name_or_path, root=root, intra_op_threads=intra_op_threads, seed=seed,
+                                         teacher_steps=teacher_steps)
+        return cls(model, name, source, seed=seed, ood_threshold=ood_threshold, limit_margin=limit_margin)
+
+    # -- interface checks ----------------------------------------------------------------------------------
+    def check_interface(self, obs_names: Sequence[str], action_names: Sequence[str], history_steps: int) -> None:
+        """Raise PolicyLoadError unless the model reads these observations and drives these joints."""
+        m = self.meta
+        missing = [n for n in m.obs_names if n not in obs_names]
+        if missing:
+            raise PolicyLoadError(f"policy {self.name!r} needs observations the stack does not provide: {missing}")
+        if list(m.action_names) != list(action_names):
+            raise PolicyLoadError(
+                f"policy {self.name!r} drives {list(m.action_names)}, the arm has {list(action_names)}")
+        if m.n_obs_steps > history_steps:
+            raise PolicyLoadError(
+                f"policy {self.name!r} needs {m.n_obs_steps} observation steps, the ingest provides {history_steps}")
+        if not m.control_dt > 0:
+            raise PolicyLoadError(f"policy {self.name!r}: control_dt {m.control_dt} is not positive")
+
+    def probe(self, history: np.ndarray, names: Sequence[str], calls: int = 3) -> float:
+        """Run a real observation through the model; raise PolicyLoadError if the output is unusable.
+
+        Returns the median call time in seconds (the caller compares it with its deadline).
+        """
+        times = []
+        for _ in range(calls):
+            res = self.step(history, names)
+            if not res.health.ok and res.health.kind != "ood":
+                raise PolicyLoadError(f"policy {self.name!r} fails on the current observation: {res.health.reason}")
+            times.append(res.compute_s)
+        return float(np.median(times))
+
+    # -- control -------------------------------------------------------------------------------------------
+    def new_episode(self, episode: int) -> None:
+        if episode != self.episode:
+            self.episode = int(episode)
+            m = self.meta
+            rng = np.random.default_rng([self.seed, int(episode)])
+            self.noise = rng.standard_normal((m.horizon, m.action_dim), dtype=np.float32)
+
+    def _select(self, history: np.ndarray, names: Sequence[str]) -> np.ndarray:
+        key = tuple(names)
+        perm = self._perm_cache.get(key)
+        if perm is None:
+            index = {n: i for i, n in enumerate(names)}
+            missing = [n for n in self.meta.obs_names if n not in index]
+            if missing:
+                raise ValueError(f"observation lacks {', '.join(missing)}")
+            perm = np.array([index[n] for n in self.meta.obs_names])
+            self._perm_cache[key] = perm
+        to = self.meta.n_obs_steps
+        if history.ndim != 2 or history.shape[0] < to:
+            raise ValueError(f"observation history {history.shape} has fewer than {to} steps")
+        return history[-to:, perm]
+
+    def step(self, history: np.ndarray, names: Sequence[str], deadline_ns: int | None = None) -> StepResult:
+        """One call: raw history ``(T >= n_obs_steps, D)`` with column ``names`` -> chunk and health."""
+        t0 = time.perf_counter()
+        try:
+            obs = self._select(np.asarray(history, dtype=np.float32), names)
+        except ValueError as err:
+            return StepResult(None, None, 0.0, Health(False, f"observation: {err}", "shape"))
+        try:
+            chunk = np.asarray(self.model.predict_action(obs, noise=self.noise))
+        except Exception as err:  # any failure of the student is a fallback reason, never a crash
+            dt = time.perf_counter() - t0
+            return StepResult(None, None, dt, Health(False, f"{self.name} raised {type(err).__name__}: {err}",
+                                                     "exception"))
+        dt = time.perf_counter() - t0
+        m = self.meta
+        ood = self.model.last_ood_score
+        ood_f = float(ood) if ood is not None else None
+        if chunk.shape != (m.horizon, m.action_dim):
+            return StepResult(None, ood_f, dt, Health(False, f"{self.name} returned shape {chunk.shape}, expected "
+                                                            f"{(m.horizon, m.action_dim)}", "shape"))
+        if not np.isfinite(chunk).all():
+            return StepResult(None, ood_f, dt, Health(False, f"{self.name} returned NaN/inf actions", "nonfinite"))
+        low = chunk < self.lower
+        high = chunk > self.upper
+        if low.any() or high.any():
+            j = int(np.argwhere(low | high)[0, 1])
+            worst = chunk[:, j].min() if low[:, j].any() else chunk[:, j].max()
+            return StepResult(None, ood_f, dt, Health(
+                False, f"{self.name} action {m.action_names[j]} = {worst:.3f} rad outside "
+                       f"[{self.lower[j]:.3f}, {self.upper[j]:.3f}]", "limits"))
+        if deadline_ns is not None and self.clock() > deadline_ns:
+            return StepResult(chunk, ood_f, dt, Health(False, f"{self.name} missed its deadline "
+                                                              f"({dt * 1e3:.1f} ms compute)", "deadline"))
+        if ood_f is not None and not np.isfinite(ood_f):
+            return StepResult(chunk, ood_f, dt, Health(False, f"{self.name} OOD score is {ood_f}", "ood"))
+        if self.ood_threshold is not None and ood_f is not None and ood_f > self.ood_threshold:
+            return StepResult(chunk, ood_f, dt, Health(
+                False, f"{self.name} OOD score {ood_f:.3g} > threshold {self.ood_threshold:.3g}", "ood"))
+        return StepResult(chunk, ood_f, dt, HEALTHY)

@@ -1,0 +1,1 @@
+"""Offline distillation: train the diffusion teacher, record its trajectories, distil, evaluate, export."""

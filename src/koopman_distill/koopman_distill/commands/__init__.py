@@ -1,0 +1,1 @@
+"""One module per ``koopman-distill`` subcommand, each exposing ``register(subparsers)``."""

@@ -1,0 +1,114 @@
+"""``koopman-distill eval``: closed-loop success, mode balance, distance to the teacher, latency.
+
+Writes JSON keyed by policy name, a markdown table beside it and a plot of the end-effector paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from koopman_distill.data import episode_windows
+from koopman_distill.evaluate import RolloutStats, mmd_to_teacher, rollout, teacher_reference
+from koopman_distill.runners import load_runner
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate policies in closed loop and against the teacher")
+    p.add_argument("--policies", required=True, help="comma-separated names from config/policies.yaml or paths")
+    p.add_argument("--episodes", type=int, default=100)
+    p.add_argument("--seed", type=int, default=1000, help="task seed of the first episode")
+    p.add_argument("--json", required=True, type=Path, help="results file; .md and .png are written beside it")
+    p.add_argument("--teacher", default="teacher", help="reference policy for mmd_to_teacher")
+    p.add_argument("--data", help="demonstrations to draw MMD observations from (default: task start states)")
+    p.add_argument("--mmd-obs", type=int, default=32)
+    p.add_argument("--mmd-draws", type=int, default=32)
+    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto")
+    p.set_defaults(func=run)
+
+
+def mmd_observations(args: argparse.Namespace, n_obs_steps: int, horizon: int) -> torch.Tensor:
+    rng = np.random.default_rng(args.seed)
+    if args.data:
+        from koopman_sim.dataset import load_dataset
+
+        demos = load_dataset(args.data)
+        obs = episode_windows(demos.obs, demos.action, demos.episode_ends, horizon, n_obs_steps)["obs"]
+        return obs[rng.choice(len(obs), size=args.mmd_obs, replace=False)]
+    import koopman_sim
+
+    env = koopman_sim.make("gen3_reach_obstacle")
+    starts = [env.reset(seed=10_000 + args.seed + i)[0] for i in range(args.mmd_obs)]
+    env.close()
+    return torch.from_numpy(np.stack([[o] * n_obs_steps for o in starts]).astype(np.float32))
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    head = ("| policy | method | backend | success | collision | left fraction | MMD² to teacher "
+            "| latency p50 / p99 (ms) | parameters |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        left = "–" if r["left_fraction"] is None else f"{r['left_fraction']:.2f}"
+        lines.append(
+            f"| {name} | {r['method']} | {r['backend']} | {r['success_rate']:.2f} | {r['collision_rate']:.2f} "
+            f"| {left} | {r['mmd_to_teacher']:.4f} | {r['latency_ms']['p50']:.3f} / {r['latency_ms']['p99']:.3f} "
+            f"| {r['parameters']:,} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_paths(stats: dict[str, RolloutStats], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(stats), figsize=(3.2 * len(stats), 3.6), squeeze=False, sharey=True)
+    for ax, (name, s) in zip(axes[0], stats.items(), strict=True):
+        for p, ok, coll in zip(s.paths, s.successes, s.collisions, strict=True):
+            color = "tab:red" if coll else ("tab:green" if ok else "tab:gray")
+            ax.plot(p[:, 0], p[:, 1], color=color, alpha=0.35, lw=0.8)
+        for target, pillar in s.scenes[:1]:
+            ax.add_patch(plt.Circle(pillar[:2], 0.035, color="black", alpha=0.6))
+            ax.plot(*target[:2], marker="*", color="gold", ms=12, mec="black")
+        summary = s.summary()
+        ax.set_title(f"{name}\nsuccess {summary['success_rate']:.2f}", fontsize=9)
+        ax.set_xlabel("x (m)")
+        ax.set_aspect("equal")
+    axes[0][0].set_ylabel("y (m)")
+    fig.suptitle("End-effector paths, top view (green success, red collision, grey timeout)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    names = [n.strip() for n in args.policies.split(",") if n.strip()]
+    if not names or args.episodes < 1:
+        raise ValueError("--policies needs at least one name and --episodes must be positive")
+    runners = {n: load_runner(n, args.backend) for n in names}
+    teacher_runner = runners.get(args.teacher) or load_runner(args.teacher, "torch")
+    teacher = teacher_runner.policy
+    obs = mmd_observations(args, teacher_runner.n_obs_steps, teacher_runner.horizon)
+    reference = teacher_reference(teacher, obs, args.mmd_draws, args.seed)
+    results, stats = {}, {}
+    for name, runner in runners.items():
+        stats[name] = rollout(runner, args.episodes, args.seed)
+        results[name] = {
+            "method": runner.method,
+            "backend": runner.backend,
+            **stats[name].summary(),
+            "mmd_to_teacher": mmd_to_teacher(runner, teacher, obs, reference, args.seed + 1),
+            "parameters": runner.num_parameters,
+        }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown_table(results)
+    args.json.with_suffix(".md").write_text(table)
+    plot_paths(stats, args.json.with_suffix(".png"))
+    print(table)
+    return 0

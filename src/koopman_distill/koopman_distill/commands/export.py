@@ -1,0 +1,74 @@
+"""``koopman-distill export``: checkpoint -> ONNX for the controller, with a parity check.
+
+Writes ``policy.onnx`` (the teacher: DDIM-k unrolled, plus ``denoiser.onnx`` beside it), compares ONNX
+Runtime with PyTorch on random inputs, and records each file's sha256 in the checkpoint's ``card.json``
+(``exports``) so that the runtime can refuse a file that is not the one exported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from koopman_distill.cli import UserError
+from koopman_policy.checkpoint import CONFIG, WEIGHTS
+from koopman_policy.onnx_export import DEFAULT_TEACHER_STEPS, OPSET, PARITY_TOL, ExportResult, export_checkpoint
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a checkpoint to ONNX and check parity with PyTorch")
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory (model.safetensors + "
+                   "config.json)")
+    p.add_argument("--out", type=Path, default=None, help="ONNX file to write (default: CHECKPOINT/policy.onnx)")
+    p.add_argument("--ood-threshold", type=float, default=None,
+                   help="OOD score above which the controller flags an observation (stored in the metadata)")
+    p.add_argument("--parity-samples", type=int, default=1000,
+                   help="random inputs for the ONNX Runtime vs PyTorch check (0 skips it)")
+    p.add_argument("--teacher-steps", type=int, default=DEFAULT_TEACHER_STEPS,
+                   help="DDIM steps unrolled into the teacher's policy.onnx")
+    p.set_defaults(func=run)
+
+
+def _record_in_card(directory: Path, result: ExportResult) -> None:
+    card_path = directory / "card.json"
+    if not card_path.is_file():
+        return
+    card = json.loads(card_path.read_text())
+    exports = card.setdefault("exports", {})
+    files = [(result.policy_path, result.policy_sha256, result.parity)]
+    if result.denoiser_path is not None:
+        files.append((result.denoiser_path, result.denoiser_sha256, result.denoiser_parity))
+    for path, sha, parity in files:
+        if path.parent.resolve() != directory.resolve():
+            continue  # the card describes the files beside it only
+        exports[path.name] = {"sha256": sha, "opset": OPSET,
+                              "parity_max_abs": None if parity is None else parity.worst}
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    directory: Path = args.checkpoint
+    for name in (CONFIG, WEIGHTS):
+        if not (directory / name).is_file():
+            raise UserError(f"{directory} is not a checkpoint directory (no {name})")
+    if args.out is not None and args.out.suffix != ".onnx":
+        raise UserError(f"--out must name an .onnx file, got {args.out}")
+    if args.parity_samples < 0 or args.teacher_steps < 1:
+        raise UserError("--parity-samples must be >= 0 and --teacher-steps >= 1")
+    result = export_checkpoint(directory, args.out, ood_threshold=args.ood_threshold,
+                               parity_samples=args.parity_samples, teacher_steps=args.teacher_steps)
+    _record_in_card(directory, result)
+    ok = True
+    rows = [(result.policy_path, result.policy_sha256, result.parity)]
+    if result.denoiser_path is not None:
+        rows.append((result.denoiser_path, result.denoiser_sha256, result.denoiser_parity))
+    for path, sha, parity in rows:
+        print(f"export: {path} (opset {OPSET}, sha256 {sha})")
+        if parity is not None:
+            errs = ", ".join(f"{k} {v:.2e}" for k, v in parity.max_abs.items())
+            verdict = "ok" if parity.ok else "FAILED"
+            print(f"parity: ONNX Runtime vs PyTorch on {parity.samples} random inputs, max abs {errs} "
+                  f"(tolerance {PARITY_TOL:g}): {verdict}")
+            ok = ok and parity.ok
+    return 0 if ok else 1

@@ -1,0 +1,121 @@
+"""Closed-loop evaluation in the simulated task and the distance of a student's chunks to the teacher's.
+
+Rollouts: episode ``i`` uses task seed ``seed + i`` for every policy, so all policies face the same
+targets and pillars. The policy replans every ``n_action_steps`` control steps; its noise is drawn from a
+generator seeded per episode and held for the whole episode (the same convention as the ROS policy node,
+which replans every tick and must not flip between modes). Latency is the wall time of one batch-1
+``predict_action`` call.
+
+MMD: for ``n_obs`` observation histories drawn from the demonstrations, ``n_draws`` chunks from the policy
+and from the teacher; squared MMD (unbiased) with a Gaussian kernel whose bandwidth is the median pairwise
+distance of the teacher's chunks, in the teacher's normalised action space, averaged over observations.
+The teacher against a second independent draw of itself gives the noise floor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from koopman_distill.runners import Runner
+from koopman_policy.base import BasePolicy
+
+
+@dataclass
+class RolloutStats:
+    successes: list[bool] = field(default_factory=list)
+    collisions: list[bool] = field(default_factory=list)
+    sides: list[str | None] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)
+    paths: list[np.ndarray] = field(default_factory=list)
+    scenes: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float | int | None]:
+        n = len(self.successes)
+        sided = [s for s in self.sides if s is not None]
+        lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.full(1, np.nan)
+        return {
+            "episodes": n,
+            "success_rate": float(np.mean(self.successes)) if n else 0.0,
+            "collision_rate": float(np.mean(self.collisions)) if n else 0.0,
+            "left_fraction": float(np.mean([s == "left" for s in sided])) if sided else None,
+            "latency_ms": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))},
+        }
+
+
+def rollout(runner: Runner, episodes: int, seed: int, task: str = "gen3_reach_obstacle",
+            progress: bool = True) -> RolloutStats:
+    import koopman_sim
+
+    env = koopman_sim.make(task)
+    stats = RolloutStats()
+    start = runner.n_obs_steps - 1
+    for ep in tqdm(range(episodes), desc=runner.name, disable=not progress, dynamic_ncols=True):
+        obs, _ = env.reset(seed=seed + ep)
+        rng = np.random.default_rng(seed + ep)
+        noise = rng.standard_normal((runner.horizon, runner.action_dim)).astype(np.float32)
+        history = deque([obs] * runner.n_obs_steps, maxlen=runner.n_obs_steps)
+        path = [env.arm.ee_pos.copy()]
+        done = False
+        while not done:
+            t0 = time.perf_counter()
+            chunk = runner.predict_action(np.stack(history).astype(np.float32), noise)
+            stats.latencies_ms.append((time.perf_counter() - t0) * 1e3)
+            for action in chunk[start : start + runner.n_action_steps]:
+                obs, _, terminated, truncated, _ = env.step(action)
+                history.append(obs)
+                path.append(env.arm.ee_pos.copy())
+                done = terminated or truncated
+                if done:
+                    break
+        result = env.result()
+        stats.successes.append(bool(result.success))
+        stats.collisions.append(bool(result.collision))
+        stats.sides.append(result.side)
+        stats.paths.append(np.asarray(path))
+        stats.scenes.append((env.task.target.copy(), env.task.pillar.copy()))
+    env.close()
+    return stats
+
+
+def _mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, bandwidth: torch.Tensor) -> torch.Tensor:
+    """Batched over the leading dimension: x, y are (M, N, D); bandwidth (M,)."""
+    n = x.shape[1]
+    gamma = 1.0 / (2.0 * bandwidth.pow(2)).view(-1, 1, 1)
+
+    def k(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-gamma * torch.cdist(a, b).pow(2))
+
+    off = 1.0 - torch.eye(n)
+    kxx = (k(x, x) * off).sum((1, 2)) / (n * (n - 1))
+    kyy = (k(y, y) * off).sum((1, 2)) / (n * (n - 1))
+    kxy = k(x, y).mean((1, 2))
+    return kxx + kyy - 2 * kxy
+
+
+@torch.no_grad()
+def teacher_reference(teacher: BasePolicy, obs: torch.Tensor, n_draws: int, seed: int) -> torch.Tensor:
+    """Normalised teacher chunks ``(M, n_draws, H*Da)`` for observation histories ``(M, To, Do)``."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # DDPM's intermediate noise
+    reps = obs.repeat_interleave(n_draws, 0)
+    chunks = teacher.predict_action(reps, teacher.sample_noise(len(reps), gen))
+    return teacher.action_normalizer.normalize(chunks).reshape(len(obs), n_draws, -1)
+
+
+def mmd_to_teacher(runner: Runner, teacher: BasePolicy, obs: torch.Tensor, reference: torch.Tensor,
+                   seed: int) -> float:
+    m, n = reference.shape[:2]
+    rng = np.random.default_rng(seed)
+    reps = obs.repeat_interleave(n, 0).numpy()
+    noise = rng.standard_normal((len(reps), runner.horizon, runner.action_dim)).astype(np.float32)
+    chunks = torch.from_numpy(np.asarray(runner.predict_action(reps, noise)))
+    samples = teacher.action_normalizer.normalize(chunks).reshape(m, n, -1)
+    flat = reference
+    bandwidth = torch.cdist(flat, flat).flatten(1).median(dim=1).values.clamp_min(1e-3)
+    return float(_mmd2_unbiased(samples, reference, bandwidth).mean())

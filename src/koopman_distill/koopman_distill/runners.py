@@ -1,0 +1,91 @@
+"""Load any policy by catalogue name or path behind one numpy interface for evaluation.
+
+Students run through ONNX Runtime when their ``.onnx`` file exists (what the robot runs), otherwise
+through PyTorch; the teacher always runs in PyTorch with its configured sampler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from koopman_policy.base import BasePolicy
+from koopman_policy.catalog import resolve_policy
+from koopman_policy.checkpoint import load_policy
+
+
+class Runner(Protocol):
+    name: str
+    method: str
+    horizon: int
+    n_obs_steps: int
+    n_action_steps: int
+    action_dim: int
+    num_parameters: int
+    backend: str
+
+    def predict_action(self, obs_history: np.ndarray, noise: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class TorchRunner:
+    name: str
+    policy: BasePolicy
+    backend: str = "torch"
+
+    def __post_init__(self) -> None:
+        c = self.policy.config
+        self.method = self.policy.method
+        self.horizon, self.n_obs_steps, self.n_action_steps = c.horizon, c.n_obs_steps, c.n_action_steps
+        self.action_dim = c.action_dim
+        self.num_parameters = self.policy.num_parameters()
+
+    @torch.no_grad()
+    def predict_action(self, obs_history: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        squeeze = obs_history.ndim == 2
+        obs = torch.from_numpy(np.asarray(obs_history, np.float32))
+        eps = torch.from_numpy(np.asarray(noise, np.float32))
+        if squeeze:
+            obs, eps = obs[None], eps[None]
+        chunk = self.policy.predict_action(obs, eps).numpy()
+        return chunk[0] if squeeze else chunk
+
+
+@dataclass
+class OnnxRunner:
+    name: str
+    path: Path
+    num_parameters: int
+    backend: str = "onnx"
+
+    def __post_init__(self) -> None:
+        from koopman_policy.onnx_policy import OnnxPolicy
+
+        self.session = OnnxPolicy(self.path)
+        meta = self.session.metadata
+        self.method = meta.method
+        self.horizon, self.n_obs_steps, self.n_action_steps = meta.horizon, meta.n_obs_steps, meta.n_action_steps
+        self.action_dim = len(meta.action_names)
+
+    def predict_action(self, obs_history: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        return self.session.predict_action(obs_history, noise)
+
+
+def load_runner(name_or_path: str, backend: str = "auto") -> Runner:
+    entry = resolve_policy(name_or_path)
+    if backend not in ("auto", "torch", "onnx"):
+        raise ValueError(f"backend must be auto, torch or onnx, got {backend!r}")
+    checkpoint = load_policy(entry.checkpoint) if entry.checkpoint else None
+    onnx = entry.onnx if entry.onnx and Path(entry.onnx).is_file() else None
+    if backend == "onnx" or (backend == "auto" and onnx is not None and entry.method != "teacher"):
+        if onnx is None:
+            raise FileNotFoundError(f"policy {entry.name!r} has no ONNX file")
+        params = checkpoint.num_parameters() if checkpoint is not None else 0
+        return OnnxRunner(entry.name, Path(onnx), params)
+    if checkpoint is None:
+        raise FileNotFoundError(f"policy {entry.name!r} has no PyTorch checkpoint")
+    return TorchRunner(entry.name, checkpoint)

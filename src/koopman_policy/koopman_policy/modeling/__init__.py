@@ -1,0 +1,1 @@
+"""Network building blocks, separate from the policies that use them."""

@@ -1,0 +1,1 @@
+"""One-step students distilled from the diffusion teacher's sampling trajectories."""

@@ -1,0 +1,83 @@
+"""Consistency distillation from the teacher's ODE, one step at inference.
+
+``f(x, s) = x + (1 - s) F(x, s, obs)`` meets the boundary condition ``f(x, 1) = x`` exactly. Adjacent
+points of the stored DDIM trajectory are one teacher ODE step apart, so the consistency loss is
+``d(f(x_k, s_k), f⁻(x_{k+1}, s_{k+1}))`` with ``f⁻`` an EMA copy (rate 0.95, as in consistency models)
+and ``d`` the pseudo-Huber distance used by Consistency Policy. The denoising score-matching term that
+Consistency Policy adds is left out: the teacher's trajectories already pin the endpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from koopman_policy.modeling.layers import SinusoidalEmbedding, mlp
+from koopman_policy.students.common import OneStepStudent, StudentConfig
+
+
+@dataclass
+class CDConfig(StudentConfig):
+    depth: int = 4
+    time_embed_dim: int = 32
+    target_ema: float = 0.95
+
+
+class ConsistencyNet(nn.Module):
+    def __init__(self, chunk_dim: int, config: CDConfig) -> None:
+        super().__init__()
+        self.time_embed = SinusoidalEmbedding(config.time_embed_dim, max_period=100.0)
+        in_dim = chunk_dim + config.cond_embed_dim + config.time_embed_dim
+        self.net = mlp(in_dim, config.hidden_dim, chunk_dim, config.depth)
+
+    def forward(self, x: torch.Tensor, s: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return x + (1.0 - s).unsqueeze(-1) * self.net(torch.cat([x, cond, self.time_embed(s)], dim=-1))
+
+
+class CDPolicy(OneStepStudent):
+    method = "cd"
+    config_class = CDConfig
+    config: CDConfig
+
+    def __init__(self, config: CDConfig) -> None:
+        super().__init__(config)
+        self.consistency = ConsistencyNet(self.chunk_dim, config)
+        self.target = copy.deepcopy(self.consistency).requires_grad_(False)
+        self.target_cond_encoder = copy.deepcopy(self.cond_encoder).requires_grad_(False)
+
+    def num_parameters(self) -> int:
+        """Parameters used at inference: the EMA target copies only serve training."""
+        frozen = list(self.target.parameters()) + list(self.target_cond_encoder.parameters())
+        return super().num_parameters() - sum(p.numel() for p in frozen)
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        obs_n, _, _ = self.unpack(batch)
+        states = batch["states"].flatten(2)
+        n, steps = states.shape[0], states.shape[1] - 1
+        k = torch.randint(0, steps, (n,), device=states.device)
+        rows = torch.arange(n, device=states.device)
+        s, s_next = k.float() / steps, (k + 1).float() / steps
+        pred = self.consistency(states[rows, k], s, self.cond_encoder(obs_n))
+        with torch.no_grad():
+            target = self.target(states[rows, k + 1], s_next, self.target_cond_encoder(obs_n))
+        c = 0.00054 * math.sqrt(self.chunk_dim)
+        return (torch.sqrt((pred - target).pow(2).sum(-1) + c * c) - c).mean()
+
+    @torch.no_grad()
+    def on_train_step(self) -> None:
+        """Move the EMA target towards the online network after each optimiser step."""
+        rate = self.config.target_ema
+        pairs = [(self.target, self.consistency), (self.target_cond_encoder, self.cond_encoder)]
+        for target, online in pairs:
+            for pt, po in zip(target.parameters(), online.parameters(), strict=True):
+                pt.lerp_(po, 1.0 - rate)
+
+    def sample_normalized(self, obs_n: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = noise.flatten(1)
+        zero = torch.zeros(x.shape[0], device=x.device)
+        x = self.consistency(x, zero, self.cond_encoder(obs_n))
+        return self.to_chunk(x), torch.zeros_like(zero)

@@ -1,0 +1,175 @@
+"""Running the scripted expert in a task environment and collecting demonstration datasets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from koopman_sim import check_task, make
+from koopman_sim.dataset import side_code, write_dataset
+from koopman_sim.expert import ScriptedExpert
+from koopman_sim.tasks.reach_obstacle import EpisodeResult
+
+__all__ = ["EpisodeRecord", "collect", "episode_side", "expert_rng", "run_episode", "summarize"]
+
+
+def expert_rng(seed: int) -> np.random.Generator:
+    """The expert's random stream for an episode: independent of, but reproducible from, the env seed."""
+    return np.random.default_rng([int(seed), 1])
+
+
+def episode_side(seed: int) -> str:
+    """Detour side for the episode with env seed ``seed``: antithetic pairs of fair coin flips.
+
+    Seeds 2k and 2k+1 share one fair coin and take opposite sides, so every episode is left or right with
+    probability 1/2 (and reproducible from its own seed), while any run over consecutive seeds is balanced to
+    within one episode. Independent flips would leave a 100-episode dataset 40/60 or worse a few % of the
+    time, which a bimodal policy would learn as a preference.
+    """
+    seed = int(seed)
+    coin = np.random.default_rng([seed // 2, 2]).random() < 0.5
+    return "left" if coin != bool(seed % 2) else "right"
+
+
+@dataclass
+class EpisodeRecord:
+    seed: int
+    obs: np.ndarray
+    action: np.ndarray
+    result: EpisodeResult
+    frames: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return len(self.action)
+
+
+def run_episode(
+    env: Any,
+    expert: ScriptedExpert,
+    seed: int,
+    on_step: Callable[[int, dict], None] | None = None,
+    frame_every: int | None = None,
+    balanced_sides: bool = True,
+) -> EpisodeRecord:
+    """One expert episode; ``on_step(step, info)`` is called after each control step (live status).
+
+    With ``balanced_sides`` the side comes from ``episode_side(seed)``; otherwise the expert flips its own coin.
+    """
+    obs, info = env.reset(seed=int(seed))
+    expert.reset(obs, expert_rng(seed), side=episode_side(seed) if balanced_sides else None)
+    observations, actions, frames = [], [], []
+    if frame_every:
+        frames.append(env.render_frame())
+    step = 0
+    while True:
+        act = expert.act(obs)
+        observations.append(obs)
+        actions.append(act)
+        obs, _, terminated, truncated, info = env.step(act)
+        step += 1
+        if on_step is not None:
+            on_step(step, info)
+        if frame_every and (step % frame_every == 0 or terminated or truncated):
+            frames.append(env.render_frame())
+        if terminated or truncated:
+            break
+    return EpisodeRecord(
+        seed=int(seed),
+        obs=np.asarray(observations, dtype=np.float32),
+        action=np.asarray(actions, dtype=np.float32),
+        result=env.result(),
+        frames=frames,
+    )
+
+
+def summarize(results: list[EpisodeResult], control_dt: float) -> dict[str, Any]:
+    """Rates over all episodes; left_fraction is over the episodes whose hand got past the pillar."""
+    n = len(results)
+    sided = [r.side for r in results if r.side is not None]
+    durations = [r.duration for r in results]
+    return {
+        "episodes": n,
+        "success_rate": float(np.mean([r.success for r in results])) if n else 0.0,
+        "collision_rate": float(np.mean([r.collision for r in results])) if n else 0.0,
+        "left_fraction": float(np.mean([s == "left" for s in sided])) if sided else 0.0,
+        "episodes_with_side": len(sided),
+        "mean_episode_seconds": float(np.mean(durations)) if n else 0.0,
+        "min_episode_seconds": float(np.min(durations)) if n else 0.0,
+        "max_episode_seconds": float(np.max(durations)) if n else 0.0,
+        "control_dt": control_dt,
+    }
+
+
+def collect(
+    task: str,
+    episodes: int,
+    out: str | Path,
+    seed: int = 0,
+    only_success: bool = True,
+    model_path: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run ``episodes`` expert episodes (env seeds seed, seed+1, ...) and write them to ``out``.
+
+    With ``only_success`` (the default, for training data) failed episodes are left out of the file; without
+    it every episode is written with its flags. The summary always covers all episodes that were run.
+    """
+    check_task(task)
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    env = make(task, model_path=model_path)
+    expert = ScriptedExpert(model_path=model_path, control_dt=env.control_dt)
+    records: list[EpisodeRecord] = []
+    results: list[EpisodeResult] = []
+    seeds = range(seed, seed + episodes)
+    iterator: Any = seeds
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(seeds, desc=f"collect {task}", unit="ep")
+    n_success = 0
+    for s in iterator:
+        rec = run_episode(env, expert, s)
+        results.append(rec.result)
+        n_success += rec.result.success
+        if rec.result.success or not only_success:
+            records.append(rec)
+        if progress:
+            iterator.set_postfix(success=f"{n_success}/{len(results)}")
+    env.close()
+    lengths = [r.steps for r in records]
+    sha = write_dataset(
+        out,
+        obs=np.concatenate([r.obs for r in records])
+        if records
+        else np.zeros((0, len(env.obs_names)), np.float32),
+        action=(
+            np.concatenate([r.action for r in records])
+            if records
+            else np.zeros((0, len(env.action_names)), np.float32)
+        ),
+        episode_ends=np.cumsum(lengths, dtype=np.int64),
+        episode_success=[r.result.success for r in records],
+        episode_side=[side_code(r.result.side) for r in records],
+        episode_seed=[r.seed for r in records],
+        task=task,
+        obs_names=env.obs_names,
+        action_names=env.action_names,
+        control_dt=env.control_dt,
+    )
+    summary = summarize(results, env.control_dt)
+    summary.update(
+        task=task,
+        seed=seed,
+        only_success=only_success,
+        episodes_written=len(records),
+        steps_written=int(sum(lengths)),
+        out=str(out),
+        sha256=sha,
+    )
+    return summary
