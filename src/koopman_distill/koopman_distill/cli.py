@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 
-COMMANDS = ("teacher", "teacher_data", "student", "eval", "export", "bench")
+COMMANDS = ("teacher", "teacher_data", "student", "eval", "export", "bench", "camera", "bag_to_dataset")
 
 
 class UserError(Exception):
@@ -26,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.command_line = " ".join(["koopman-distill", *map(shlex.quote, argv)])
     try:
         return int(args.func(args) or 0)
     except (UserError, FileNotFoundError, ValueError) as err:

@@ -27,6 +27,7 @@ class Runner(Protocol):
     action_dim: int
     num_parameters: int
     backend: str
+    card: Path | None
 
     def predict_action(self, obs_history: np.ndarray, noise: np.ndarray) -> np.ndarray: ...
 
@@ -35,6 +36,7 @@ class Runner(Protocol):
 class TorchRunner:
     name: str
     policy: BasePolicy
+    card: Path | None = None
     backend: str = "torch"
 
     def __post_init__(self) -> None:
@@ -60,6 +62,7 @@ class OnnxRunner:
     name: str
     path: Path
     num_parameters: int
+    card: Path | None = None
     backend: str = "onnx"
 
     def __post_init__(self) -> None:
@@ -85,7 +88,7 @@ def load_runner(name_or_path: str, backend: str = "auto") -> Runner:
         if onnx is None:
             raise FileNotFoundError(f"policy {entry.name!r} has no ONNX file")
         params = checkpoint.num_parameters() if checkpoint is not None else 0
-        return OnnxRunner(entry.name, Path(onnx), params)
+        return OnnxRunner(entry.name, Path(onnx), params, entry.card)
     if checkpoint is None:
         raise FileNotFoundError(f"policy {entry.name!r} has no PyTorch checkpoint")
-    return TorchRunner(entry.name, checkpoint)
+    return TorchRunner(entry.name, checkpoint, entry.card)

@@ -54,7 +54,7 @@ class ExportModule(nn.Module):
         self.policy = policy
 
     def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        obs_n = self.policy.obs_normalizer.normalize(obs).flatten(1)
+        obs_n = self.policy.encode_obs(obs)
         x0, ood = self.policy.sample_normalized(obs_n, noise)
         return self.policy.action_normalizer.unnormalize(x0), ood
 
@@ -79,7 +79,16 @@ class BasePolicy(nn.Module):
 
     @property
     def cond_dim(self) -> int:
+        """Width of :meth:`encode_obs`'s output, the conditioning every model sees."""
         return self.config.n_obs_steps * self.config.obs_dim
+
+    def encode_obs(self, obs_history: torch.Tensor) -> torch.Tensor:
+        """Raw observation history ``(B, To, Do)`` -> flat conditioning ``(B, cond_dim)``.
+
+        The one place observations enter a model: a policy with other inputs (images) overrides this
+        and :attr:`cond_dim`, and everything else is unchanged.
+        """
+        return self.obs_normalizer.normalize(obs_history).flatten(1)
 
     @property
     def chunk_dim(self) -> int:
@@ -110,7 +119,7 @@ class BasePolicy(nn.Module):
 
     # -- inference --------------------------------------------------------------------------------
     def sample_normalized(self, obs_n: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Map flat normalised observations ``(B, To*Do)`` and noise ``(B, H, Da)`` to a normalised chunk
+        """Map encoded observations ``(B, cond_dim)`` and noise ``(B, H, Da)`` to a normalised chunk
         and a per-sample out-of-distribution score ``(B,)``."""
         raise NotImplementedError
 
@@ -142,7 +151,7 @@ class BasePolicy(nn.Module):
         obs_history = self.check_obs(obs_history)
         if noise is None:
             noise = self.sample_noise(obs_history.shape[0], generator)
-        obs_n = self.obs_normalizer.normalize(obs_history).flatten(1)
+        obs_n = self.encode_obs(obs_history)
         x0, _ = self.sample_normalized(obs_n, noise.float())
         return self.action_normalizer.unnormalize(x0)
 

@@ -9,6 +9,7 @@
                  onnx_denoiser: models/gen3_teacher/denoiser.onnx, card: models/gen3_teacher/card.json}
     default: dkoopman
 
+A camera policy adds ``inputs: image`` (default ``state``): it observes frames plus the joint state.
 Relative paths are relative to the catalogue root (the directory holding ``config/``). Files need not exist
 to be resolved: loading them is where a missing file is reported, with its path. A checkpoint directory
 (with ``config.json``) or an ``.onnx`` file can be named directly instead of a catalogue name.
@@ -26,7 +27,10 @@ import yaml
 
 CATALOG = Path("config") / "policies.yaml"
 ROOT_ENV = "KOOPMAN_CONTROL_ROOT"
-_FIELDS = ("method", "checkpoint", "onnx", "onnx_denoiser", "card")
+_PATH_FIELDS = ("checkpoint", "onnx", "onnx_denoiser", "card")
+_FIELDS = ("method", "inputs", *_PATH_FIELDS)
+#: What a policy observes: the task's state vector, or camera frames plus the joint state (``inputs: image``).
+INPUTS = ("state", "image")
 
 
 class UnknownPolicyError(ValueError):
@@ -45,6 +49,7 @@ class PolicyEntry:
     onnx: Path | None = None
     onnx_denoiser: Path | None = None
     card: Path | None = None
+    inputs: str = "state"
 
     def card_data(self) -> dict[str, Any]:
         """The model card (JSON or YAML), or ``{}`` when there is none."""
@@ -99,8 +104,11 @@ def load_catalog(root: str | Path | None = None) -> Catalog:
         unknown = set(spec) - set(_FIELDS)
         if unknown:
             raise CatalogError(f"{path}: policy {name!r} has unknown fields {sorted(unknown)}; known: {_FIELDS}")
-        paths = {k: (root / spec[k]) if spec.get(k) else None for k in _FIELDS[1:]}
-        policies[str(name)] = PolicyEntry(name=str(name), method=str(spec["method"]), **paths)
+        paths = {k: (root / spec[k]) if spec.get(k) else None for k in _PATH_FIELDS}
+        inputs = str(spec.get("inputs", "state"))
+        if inputs not in INPUTS:
+            raise CatalogError(f"{path}: policy {name!r} has inputs {inputs!r}; known: {', '.join(INPUTS)}")
+        policies[str(name)] = PolicyEntry(name=str(name), method=str(spec["method"]), inputs=inputs, **paths)
     default = data.get("default")
     if default is not None and default not in policies:
         raise CatalogError(f"{path}: default {default!r} is not one of {sorted(policies)}")
@@ -115,7 +123,10 @@ def _entry_from_path(path: Path) -> PolicyEntry:
         existing = {f: path / n for f, n in (("onnx", "policy.onnx"), ("onnx_denoiser", "denoiser.onnx"),
                                              ("card", "card.json"))}
         files = {f: (p if p.is_file() else None) for f, p in existing.items()}
-        return PolicyEntry(name=path.resolve().name, method=method, checkpoint=path, **files)
+        from koopman_policy.registry import IMAGE_POLICIES
+
+        inputs = "image" if method in IMAGE_POLICIES else "state"
+        return PolicyEntry(name=path.resolve().name, method=method, checkpoint=path, inputs=inputs, **files)
     from koopman_policy.onnx_export import read_metadata
 
     try:
@@ -123,7 +134,8 @@ def _entry_from_path(path: Path) -> PolicyEntry:
     except Exception as err:  # onnx raises protobuf decode errors of several types
         raise UnknownPolicyError(f"{path}: not a readable ONNX file: {err}") from None
     field = "onnx_denoiser" if meta.get("kind") == "denoiser" else "onnx"
-    return PolicyEntry(name=path.stem, method=str(meta.get("method", "unknown")), **{field: path})
+    inputs = "image" if "image" in (meta.get("inputs") or ()) else "state"
+    return PolicyEntry(name=path.stem, method=str(meta.get("method", "unknown")), inputs=inputs, **{field: path})
 
 
 def resolve_policy(name_or_path: str | Path | None = None, root: str | Path | None = None) -> PolicyEntry:

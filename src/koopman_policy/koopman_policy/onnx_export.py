@@ -21,11 +21,13 @@ fixed-shape MLPs and the U-Net exactly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
 import json
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,9 +168,21 @@ def _write_metadata(path: Path, meta: dict[str, Any], required_inputs: tuple[str
     onnx.save(model, str(path))
 
 
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Evaluate in eval mode without leaving the caller's (possibly training) policy changed."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield module
+    finally:
+        module.train(was_training)
+
+
 def _trace(module: torch.nn.Module, args: tuple, path: Path, inputs, outputs, dynamic: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), _eval_mode(module):
         warnings.simplefilter("ignore")  # tracer and deprecation chatter; parity is checked instead
         torch.onnx.export(
             module, args, str(path), dynamo=False, opset_version=OPSET, input_names=list(inputs),
@@ -178,7 +192,7 @@ def _trace(module: torch.nn.Module, args: tuple, path: Path, inputs, outputs, dy
 
 def _teacher_as_ddim(policy: BasePolicy, steps: int) -> BasePolicy:
     """A copy of the teacher that samples with deterministic DDIM-k, so its graph has no random ops."""
-    twin = copy.deepcopy(policy).eval()
+    twin = copy.deepcopy(policy)
     twin.config = dataclasses.replace(policy.config, sampler="ddim", num_inference_steps=steps)
     return twin
 
@@ -195,9 +209,13 @@ def export_policy(
     ``metadata_extra`` adds or overrides non-structural keys: ``training_commit``, ``ood_threshold``,
     ``action_limit_low``/``action_limit_high`` (joint limits), ``weights_sha256`` is computed here unless
     exporting through :func:`export_checkpoint`. The teacher is exported as DDIM-``teacher_steps``.
+    Image policies get their three-input graph (:mod:`koopman_policy.vision_export`).
     """
+    if getattr(policy, "image_inputs", False):
+        from koopman_policy.vision_export import export_image_policy
+
+        return export_image_policy(policy, path, metadata_extra, teacher_steps=teacher_steps)
     path = Path(path)
-    policy = policy.eval()
     extra = dict(metadata_extra or {})
     sha = extra.pop("weights_sha256", None)
     meta = policy_metadata(policy, extra)
@@ -226,7 +244,6 @@ def export_teacher_denoiser(
     if policy.method != "teacher":
         raise ValueError(f"only the teacher has a denoiser, got method {policy.method!r}")
     path = Path(path)
-    policy = policy.eval()
     extra = dict(metadata_extra or {})
     sha = extra.pop("weights_sha256", None)
     meta = policy_metadata(policy, extra)
@@ -282,11 +299,15 @@ def _session(path: Path):
 def check_parity(policy: BasePolicy, path: str | Path, samples: int = 1000, seed: int = 0,
                  batch: int = 1000) -> ParityReport:
     """Run the exported policy and ``policy.export_module()`` on the same random obs and noise."""
+    if getattr(policy, "image_inputs", False):
+        from koopman_policy.vision_export import check_image_parity
+
+        return check_image_parity(policy, path, samples, seed)
     path = Path(path)
     meta = read_metadata(path)
     if policy.method == "teacher":
         policy = _teacher_as_ddim(policy, int(meta["num_inference_steps"]))
-    module = policy.eval().export_module()
+    module = policy.export_module()
     session = _session(path)
     gen = torch.Generator().manual_seed(seed)
     worst = {"action": 0.0, "ood_score": 0.0}
@@ -294,7 +315,7 @@ def check_parity(policy: BasePolicy, path: str | Path, samples: int = 1000, seed
         n = min(batch, samples - start)
         obs = _random_obs(policy, n, gen)
         noise = torch.randn((n, policy.config.horizon, policy.config.action_dim), generator=gen)
-        with torch.no_grad():
+        with _eval_mode(module):
             ref = [t.numpy() for t in module(obs, noise)]
         out = session.run(list(POLICY_OUTPUTS), {"obs": obs.numpy(), "noise": noise.numpy()})
         act_err = float(np.abs(out[0] - ref[0]).max())
@@ -306,14 +327,14 @@ def check_parity(policy: BasePolicy, path: str | Path, samples: int = 1000, seed
 
 def check_denoiser_parity(policy: BasePolicy, path: str | Path, samples: int = 1000, seed: int = 0) -> ParityReport:
     """The exported U-Net against the torch one on random samples, timesteps and observations."""
-    module = policy.eval().denoiser_module()
+    module = policy.denoiser_module()
     session = _session(Path(path))
     gen = torch.Generator().manual_seed(seed)
     c = policy.config
     obs = _random_obs(policy, samples, gen)
     sample = torch.randn((samples, c.horizon, c.action_dim), generator=gen)
     t = torch.randint(0, c.num_train_timesteps, (samples,), generator=gen)
-    with torch.no_grad():
+    with _eval_mode(module):
         ref = module(sample, t, obs).numpy()
     (out,) = session.run(None, {"sample": sample.numpy(), "timestep": t.numpy(), "obs": obs.numpy()})
     return ParityReport(samples, {"eps": float(np.abs(out - ref).max())})

@@ -75,7 +75,7 @@ class DiffusionPolicy(BasePolicy):
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Epsilon-prediction loss; ``batch`` holds raw ``obs`` (B, To, Do) and ``action`` (B, H, Da)."""
-        obs_n = self.obs_normalizer.normalize(batch["obs"]).flatten(1)
+        obs_n = self.encode_obs(batch["obs"])
         x0 = self.action_normalizer.normalize(batch["action"])
         noise = torch.randn_like(x0)
         t = torch.randint(0, self.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
@@ -123,5 +123,5 @@ class TeacherDenoiser(nn.Module):
         self.policy = policy
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
-        obs_n = self.policy.obs_normalizer.normalize(obs).flatten(1)
+        obs_n = self.policy.encode_obs(obs)
         return self.policy.model(sample, timestep, obs_n)

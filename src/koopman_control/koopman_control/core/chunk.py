@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 
@@ -42,7 +42,7 @@ def published_points(chunk: np.ndarray, n_obs_steps: int, control_dt: float) -> 
     return offsets[keep], chunk[keep]
 
 
-class ExecState(str, Enum):
+class ExecState(StrEnum):
     IDLE = "idle"  # no chunk yet (or since reset): holding the reset pose
     TRACKING = "tracking"
     HOLD = "hold"  # command timeout: holding where the arm was when commands stopped
@@ -94,7 +94,8 @@ class ChunkExecutor:
         self._hold_q = np.clip(np.asarray(hold_q, dtype=np.float64), self.lower, self.upper)
         self.state = ExecState.IDLE
 
-    def _reject(self, reason: str) -> tuple[bool, str]:
+    def reject(self, reason: str) -> tuple[bool, str]:
+        """Count a refused chunk under the reason's prefix (also used for messages that fail to convert)."""
         c = self.counters
         c.rejected += 1
         c.last_reject_reason = reason
@@ -106,19 +107,19 @@ class ChunkExecutor:
         """Accept or refuse a chunk; returns (accepted, reason)."""
         pos = chunk.positions
         if pos.ndim != 2 or pos.shape[1] != self.n_joints or pos.shape[0] < 1:
-            return self._reject(f"bad shape: {pos.shape}, expected (N, {self.n_joints})")
+            return self.reject(f"bad shape: {pos.shape}, expected (N, {self.n_joints})")
         if chunk.times_ns.shape != (pos.shape[0],):
-            return self._reject(f"bad shape: {chunk.times_ns.shape[0]} times for {pos.shape[0]} points")
+            return self.reject(f"bad shape: {chunk.times_ns.shape[0]} times for {pos.shape[0]} points")
         if not np.isfinite(pos).all():
-            return self._reject("non-finite: NaN/inf positions")
+            return self.reject("non-finite: NaN/inf positions")
         if pos.shape[0] > 1 and not (np.diff(chunk.times_ns) > 0).all():
-            return self._reject("bad timing: time_from_start must increase strictly")
+            return self.reject("bad timing: time_from_start must increase strictly")
         if chunk.stamp_ns < self._min_stamp_ns:
-            return self._reject("outdated: computed before the last episode reset")
+            return self.reject("outdated: computed before the last episode reset")
         if self._chunk is not None and chunk.stamp_ns < self._chunk.stamp_ns:
-            return self._reject("outdated: older than the chunk being executed")
+            return self.reject("outdated: older than the chunk being executed")
         if chunk.times_ns[-1] < now_ns - self.timeout_ns:
-            return self._reject("outdated: every point is in the past")
+            return self.reject("outdated: every point is in the past")
         clipped = np.clip(pos, self.lower, self.upper)
         if not np.array_equal(clipped, pos):
             self.counters.clamped += 1

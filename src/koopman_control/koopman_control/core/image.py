@@ -113,7 +113,8 @@ class ImageObservationBuilder:
         stamp, rgb = self._frame
         age = now_ns - stamp
         if age > self.max_age_ns:
-            self._fault(InputStatus.STALE, f"newest frame is {age / 1e6:.0f} ms old (limit {self.max_age_ns / 1e6:.0f} ms)")
+            self._fault(InputStatus.STALE,
+                        f"newest frame is {age / 1e6:.0f} ms old (limit {self.max_age_ns / 1e6:.0f} ms)")
             return None
         if stamp == self._last_used_stamp:
             # The camera is slower than the policy rate: no new frame this tick, nothing is re-sent as new.

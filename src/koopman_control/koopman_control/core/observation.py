@@ -13,14 +13,14 @@ import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 
 NS = 1_000_000_000
 
 
-class InputStatus(str, Enum):
+class InputStatus(StrEnum):
     OK = "ok"
     WAITING = "waiting"  # not every input has been seen yet (e.g. no target)
     STALE = "stale"
@@ -122,6 +122,7 @@ class StateObservationBuilder:
         self.status = InputStatus.WAITING
         self.reason = "no joint state yet"
         self.last_state_stamp_ns: int | None = None
+        self._last_rx_ns: int | None = None
         self._next_tick_ns: int | None = None
         self._pad_next = True
         self.emitted = 0
@@ -154,6 +155,7 @@ class StateObservationBuilder:
         now_ns: int,
     ) -> Observation | None:
         """Feed one sample; returns an observation when this sample is the one at a policy tick."""
+        self._last_rx_ns = now_ns  # the stream is alive, whatever its content (the watchdog's business)
         try:
             q = reorder(names, position, self.joint_names, "joint_states position")
             if len(velocity) == 0:
@@ -163,15 +165,18 @@ class StateObservationBuilder:
             self._fault(InputStatus.INVALID, str(err))
             return None
         if not (np.isfinite(q).all() and np.isfinite(qd).all()):
-            bad = [n for n, a, b in zip(self.joint_names, q, qd, strict=True) if not (np.isfinite(a) and np.isfinite(b))]
+            finite = np.isfinite(q) & np.isfinite(qd)
+            bad = [n for n, ok in zip(self.joint_names, finite, strict=True) if not ok]
             self._fault(InputStatus.INVALID, f"joint_states has NaN/inf for {', '.join(bad)}")
             return None
         age = now_ns - stamp_ns
         if age > self.max_age_ns:
-            self._fault(InputStatus.STALE, f"joint state is {age / 1e6:.1f} ms old (limit {self.max_age_ns / 1e6:.0f} ms)")
+            self._fault(InputStatus.STALE,
+                        f"joint state is {age / 1e6:.1f} ms old (limit {self.max_age_ns / 1e6:.0f} ms)")
             return None
         if age < -self.max_age_ns:
-            self._fault(InputStatus.INVALID, f"joint state stamped {-age / 1e6:.1f} ms in the future (clock skew?)")
+            self._fault(InputStatus.INVALID,
+                        f"joint state stamped {-age / 1e6:.1f} ms in the future (clock skew?)")
             return None
         if self.last_state_stamp_ns is not None and stamp_ns <= self.last_state_stamp_ns:
             self.dropped += 1
@@ -199,12 +204,14 @@ class StateObservationBuilder:
         return obs
 
     def check(self, now_ns: int) -> InputStatus:
-        """Watchdog, called from a timer: no fresh joint state within the age limit stops the flow."""
-        if self.last_state_stamp_ns is None:
+        """Watchdog, called from a timer: no joint state at all within the age limit stops the flow. (Samples
+        that arrive but are broken or old are judged, and reported, as they arrive.)"""
+        if self._last_rx_ns is None:
             return self.status
-        age = now_ns - self.last_state_stamp_ns
+        age = now_ns - self._last_rx_ns
         if age > self.max_age_ns and self.status is not InputStatus.STALE:
-            self._fault(InputStatus.STALE, f"no joint state for {age / 1e6:.0f} ms (limit {self.max_age_ns / 1e6:.0f} ms)")
+            self._fault(InputStatus.STALE,
+                        f"no joint state for {age / 1e6:.0f} ms (limit {self.max_age_ns / 1e6:.0f} ms)")
         return self.status
 
     def _fault(self, status: InputStatus, reason: str) -> None:

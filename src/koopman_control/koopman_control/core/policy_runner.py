@@ -12,7 +12,7 @@ bimodal policy on the side it chose, and a new episode gets a new draw.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +35,13 @@ class StepResult:
 
 
 def load_model(name_or_path: str | None, *, root: str | Path | None = None, intra_op_threads: int = 1,
-               seed: int = 0, teacher_steps: int = 10) -> tuple[Any, str, str]:
-    """Resolve a catalogue name or path and open its ONNX export; returns (model, name, file)."""
+               seed: int = 0, teacher_steps: int = 10, providers: Sequence[str] | None = None,
+               ) -> tuple[Any, str, str]:
+    """Resolve a catalogue name or path and open its ONNX export; returns (model, name, file).
+
+    ``providers`` defaults to OnnxPolicy's preference order; the nodes pass CPU only by default, because
+    for these small graphs a GPU's launch and copy overhead costs more than the compute it saves.
+    """
     from koopman_policy.catalog import resolve_policy
     from koopman_policy.onnx_policy import ModelLoadError, OnnxDenoiserLoop, OnnxPolicy
 
@@ -46,11 +51,12 @@ def load_model(name_or_path: str | None, *, root: str | Path | None = None, intr
         raise PolicyLoadError(str(err)) from None
     try:
         if entry.onnx is not None and entry.onnx.is_file():
-            model = OnnxPolicy(entry.onnx, intra_op_threads=intra_op_threads, seed=seed,
+            model = OnnxPolicy(entry.onnx, providers=providers, intra_op_threads=intra_op_threads, seed=seed,
                                expected_sha256=entry.expected_sha256("onnx"))
             return model, entry.name, str(entry.onnx)
         if entry.onnx_denoiser is not None and entry.onnx_denoiser.is_file():
-            model = OnnxDenoiserLoop(entry.onnx_denoiser, intra_op_threads=intra_op_threads, seed=seed,
+            model = OnnxDenoiserLoop(entry.onnx_denoiser, providers=providers, intra_op_threads=intra_op_threads,
+                                     seed=seed,
                                      expected_sha256=entry.expected_sha256("onnx_denoiser"),
                                      sampler="ddim", num_inference_steps=teacher_steps)
             return model, entry.name, str(entry.onnx_denoiser)
@@ -68,14 +74,13 @@ class PolicyRunner:
     """A model plus its health checks, noise and observation layout."""
 
     def __init__(self, model: Any, name: str, source: str, *, seed: int = 0, ood_threshold: float | None = None,
-                 limit_margin: float = 0.0, clock: Callable[[], int] = time.time_ns) -> None:
+                 limit_margin: float = 0.0) -> None:
         self.model = model
         self.name = name
         self.source = source
         self.meta = model.metadata
         self.seed = int(seed)
         self.limit_margin = float(limit_margin)
-        self.clock = clock
         m = self.meta
         self.is_teacher = m.method == "teacher"
         self.ood_threshold = ood_threshold if ood_threshold is not None and ood_threshold > 0 else m.ood_threshold
@@ -89,9 +94,9 @@ class PolicyRunner:
     @classmethod
     def load(cls, name_or_path: str | None, *, root: str | Path | None = None, intra_op_threads: int = 1,
              seed: int = 0, teacher_steps: int = 10, ood_threshold: float | None = None,
-             limit_margin: float = 0.0) -> PolicyRunner:
+             limit_margin: float = 0.0, providers: Sequence[str] | None = None) -> PolicyRunner:
         model, name, source = load_model(name_or_path, root=root, intra_op_threads=intra_op_threads, seed=seed,
-                                         teacher_steps=teacher_steps)
+                                         teacher_steps=teacher_steps, providers=providers)
         return cls(model, name, source, seed=seed, ood_threshold=ood_threshold, limit_margin=limit_margin)
 
     # -- interface checks ----------------------------------------------------------------------------------
@@ -146,8 +151,12 @@ class PolicyRunner:
             raise ValueError(f"observation history {history.shape} has fewer than {to} steps")
         return history[-to:, perm]
 
-    def step(self, history: np.ndarray, names: Sequence[str], deadline_ns: int | None = None) -> StepResult:
-        """One call: raw history ``(T >= n_obs_steps, D)`` with column ``names`` -> chunk and health."""
+    def step(self, history: np.ndarray, names: Sequence[str], budget_s: float | None = None) -> StepResult:
+        """One call: raw history ``(T >= n_obs_steps, D)`` with column ``names`` -> chunk and health.
+
+        ``budget_s`` is the deadline of the call itself: a late observation (a stall upstream) is the
+        transport's miss, counted by the node, and no reason to distrust the student.
+        """
         t0 = time.perf_counter()
         try:
             obs = self._select(np.asarray(history, dtype=np.float32), names)
@@ -176,9 +185,9 @@ class PolicyRunner:
             return StepResult(None, ood_f, dt, Health(
                 False, f"{self.name} action {m.action_names[j]} = {worst:.3f} rad outside "
                        f"[{self.lower[j]:.3f}, {self.upper[j]:.3f}]", "limits"))
-        if deadline_ns is not None and self.clock() > deadline_ns:
-            return StepResult(chunk, ood_f, dt, Health(False, f"{self.name} missed its deadline "
-                                                              f"({dt * 1e3:.1f} ms compute)", "deadline"))
+        if budget_s is not None and dt > budget_s:
+            reason = f"{self.name} missed its deadline ({dt * 1e3:.1f} ms > {budget_s * 1e3:.1f} ms)"
+            return StepResult(chunk, ood_f, dt, Health(False, reason, "deadline"))
         if ood_f is not None and not np.isfinite(ood_f):
             return StepResult(chunk, ood_f, dt, Health(False, f"{self.name} OOD score is {ood_f}", "ood"))
         if self.ood_threshold is not None and ood_f is not None and ood_f > self.ood_threshold:

@@ -80,6 +80,11 @@ class SimDriver:
         with self.lock:
             return self.executor.submit(chunk, now_ns)
 
+    def refuse(self, reason: str) -> tuple[bool, str]:
+        """Count a chunk that could not even be converted (wrong joint names, ragged points)."""
+        with self.lock:
+            return self.executor.reject(reason)
+
     # -- physics ---------------------------------------------------------------------------------------------
     def step(self, now_ns: int, skipped: int = 0) -> SimState:
         """Advance one feedback period (plus ``skipped`` ones the real-time loop dropped, capped at 50)."""

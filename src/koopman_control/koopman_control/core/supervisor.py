@@ -9,10 +9,10 @@ not flap between sources.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     STUDENT = "student"  # the selected one-step policy drives the arm
     FALLBACK = "teacher_fallback"  # the student is unhealthy: the teacher's chunks are forwarded
     TEACHER = "teacher"  # the teacher itself is the selected policy

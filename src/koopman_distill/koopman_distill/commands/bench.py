@@ -119,6 +119,21 @@ def _bench_student(entry: PolicyEntry, onnx: Path, args: argparse.Namespace) -> 
             "file": str(onnx)}
 
 
+def _bench_image(onnx: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """A camera policy (``inputs: image``; the image teacher's file is its unrolled DDIM graph) on random
+    frames in [0, 1] and states inside its normaliser's range, through OnnxImagePolicy."""
+    from koopman_policy.onnx_image_policy import OnnxImagePolicy
+
+    policy = OnnxImagePolicy(onnx, intra_op_threads=args.intra_op_threads)
+    m = policy.metadata
+    frames = np.random.default_rng(1).random((16, m.n_obs_steps, *policy.image_size, 3), dtype=np.float32)
+    nxt_frames, nxt_states = _cycle(frames), _cycle(_histories(m.obs_low, m.obs_high, m.n_obs_steps))
+    result = time_calls(lambda: policy.predict_action(nxt_frames(), nxt_states()), args.calls, args.warmup)
+    return {**result, "method": m.method, "inputs": "image", "image_size": list(policy.image_size),
+            "runtime": "onnxruntime", "provider": policy.provider, "sampler": m.sampler,
+            "steps": m.num_inference_steps, "file": str(onnx)}
+
+
 def _bench_teacher(entry: PolicyEntry, onnx: Path | None, den: Path | None,
                    args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
@@ -189,7 +204,11 @@ def run(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="koopman-bench-") as tmp:
             for entry in entries:
                 onnx, den = _onnx_files(entry, Path(tmp))
-                if entry.method == "teacher":
+                if entry.inputs == "image":
+                    if onnx is None:
+                        raise UserError(f"{entry.name}: no ONNX file and no checkpoint to export one from")
+                    results[entry.name] = _bench_image(onnx, args)
+                elif entry.method == "teacher":
                     results.update(_bench_teacher(entry, onnx, den, args))
                 elif onnx is None:
                     raise UserError(f"{entry.name}: no ONNX file and no checkpoint to export one from")
@@ -202,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     reference = next((v for k, v in results.items() if v.get("runtime") == "torch" and v.get("sampler") == "ddpm"),
                      None)
     for entry in entries:
-        if entry.method != "teacher":
+        if entry.method != "teacher" and entry.inputs == "state":  # the camera policies solve another problem
             r = results[entry.name]
             r["speedup_vs_teacher_ddpm100"] = None if reference is None else reference["p50_ms"] / r["p50_ms"]
     providers = sorted({v["provider"] for v in results.values() if "provider" in v})

@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mmd-obs", type=int, default=32)
     p.add_argument("--mmd-draws", type=int, default=32)
     p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto")
+    p.add_argument("--update-cards", action="store_true",
+                   help="record each policy's results in its model card under 'evaluation'")
     p.set_defaults(func=run)
 
 
@@ -110,5 +112,11 @@ def run(args: argparse.Namespace) -> int:
     table = markdown_table(results)
     args.json.with_suffix(".md").write_text(table)
     plot_paths(stats, args.json.with_suffix(".png"))
+    if args.update_cards:
+        for name, runner in runners.items():
+            if runner.card is not None and runner.card.is_file():
+                card = json.loads(runner.card.read_text())
+                card["evaluation"] = {"command": args.command_line, "seed": args.seed, **results[name]}
+                runner.card.write_text(json.dumps(card, indent=2) + "\n")
     print(table)
     return 0

@@ -34,14 +34,16 @@ def _record_in_card(directory: Path, result: ExportResult) -> None:
     card_path = directory / "card.json"
     if not card_path.is_file():
         return
-    card = json.loads(card_path.read_text())
-    exports = card.setdefault("exports", {})
     files = [(result.policy_path, result.policy_sha256, result.parity)]
     if result.denoiser_path is not None:
         files.append((result.denoiser_path, result.denoiser_sha256, result.denoiser_parity))
+    # The card describes the files beside it only.
+    files = [f for f in files if f[0].parent.resolve() == directory.resolve()]
+    if not files:
+        return
+    card = json.loads(card_path.read_text())
+    exports = card.setdefault("exports", {})
     for path, sha, parity in files:
-        if path.parent.resolve() != directory.resolve():
-            continue  # the card describes the files beside it only
         exports[path.name] = {"sha256": sha, "opset": OPSET,
                               "parity_max_abs": None if parity is None else parity.worst}
     card_path.write_text(json.dumps(card, indent=2) + "\n")

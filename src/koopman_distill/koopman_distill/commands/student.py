@@ -11,7 +11,7 @@ import torch
 
 from koopman_distill.commands.common import add_train_args, config_overrides, finish, train_config
 from koopman_distill.data import read_teacher_data
-from koopman_distill.provenance import command_line, git_commit
+from koopman_distill.provenance import git_commit
 from koopman_distill.train import is_main_process, train
 from koopman_policy.checkpoint import load_policy, save_policy
 from koopman_policy.registry import STUDENT_METHODS, policy_class
@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 @torch.no_grad()
 def ood_threshold(policy: KoopmanStudent, obs: torch.Tensor, noise: torch.Tensor) -> float:
-    obs_n = policy.obs_normalizer.normalize(obs).flatten(1)
+    obs_n = policy.encode_obs(obs)
     scores = torch.cat([policy.sample_normalized(obs_n[i : i + 4096], noise[i : i + 4096])[1]
                         for i in range(0, len(obs), 4096)])
     return float(OOD_MARGIN * np.quantile(scores.numpy(), 0.999))
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     card = {
         "name": args.out.name,
         "method": args.method,
-        "command": command_line(),
+        "command": args.command_line,
         "teacher": {"path": str(args.teacher), "sha256": data.attrs.get("teacher_sha256", "")},
         "data": {"path": str(args.teacher_data), "sha256": data.sha256,
                  "dataset_sha256": data.attrs.get("dataset_sha256", ""), "trajectories": len(data.obs)},

@@ -9,7 +9,7 @@ import torch
 
 from koopman_distill.commands.common import add_train_args, config_overrides, finish, train_config
 from koopman_distill.data import episode_windows
-from koopman_distill.provenance import command_line, git_commit
+from koopman_distill.provenance import git_commit
 from koopman_distill.train import is_main_process, train
 from koopman_policy.checkpoint import save_policy
 from koopman_policy.teacher import DiffusionConfig, DiffusionPolicy
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     card = {
         "name": args.out.name,
         "method": "teacher",
-        "command": command_line(),
+        "command": args.command_line,
         "data": {"path": str(args.data), "sha256": demos.sha256, "samples": len(tensors["obs"]),
                  "episodes": len(demos.episode_ends)},
         "commit": git_commit(),

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     chunks, timesteps = [], None
     for i in tqdm(range(0, len(obs), args.batch_size), desc="teacher-data", dynamic_ncols=True):
         o, x = obs[i : i + args.batch_size], noise[i : i + args.batch_size]
-        traj = teacher.ddim_trajectory(teacher.obs_normalizer.normalize(o).flatten(1), x, args.steps)
+        traj = teacher.ddim_trajectory(teacher.encode_obs(o), x, args.steps)
         chunks.append(traj.states)
         timesteps = traj.timesteps
     states = torch.cat(chunks)

@@ -30,7 +30,7 @@ class OneStepStudent(BasePolicy):
 
     def unpack(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Flat normalised obs ``(B, To*Do)``, flat noise x_T and flat teacher chunk x_0 ``(B, H*Da)``."""
-        obs_n = self.obs_normalizer.normalize(batch["obs"]).flatten(1)
+        obs_n = self.encode_obs(batch["obs"])
         states = batch["states"]
         return obs_n, states[:, 0].flatten(1), states[:, -1].flatten(1)
 

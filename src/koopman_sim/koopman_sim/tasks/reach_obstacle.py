@@ -115,6 +115,22 @@ def _add_scene(spec: mujoco.MjSpec) -> None:
     )
     # Looking back at the arm from the front-right, so left/right detours appear left/right in the image.
     wb.add_camera(name="overview", pos=[1.55, -0.75, 1.05], xyaxes=[0.53, 0.848, 0, -0.397, 0.248, 0.884])
+    _add_policy_camera(spec)
+
+
+def _add_policy_camera(spec: mujoco.MjSpec) -> None:
+    """The camera the image policies see, and a shadow map sized for rendering it at the policy rate.
+
+    ``workspace`` looks at (0.40, 0, 0.14) from 0.8 m (azimuth -40 deg, elevation 55 deg, fovy 45 deg): arm
+    hand, pillar, target and the target's shadow (which gives its height) fill a 64x64 frame at about
+    1 cm per pixel, where ``overview`` shows the 4 cm target as a single pixel. The 1024 shadow map (MuJoCo's
+    default is 4096) cuts offscreen rendering on the CPU (Mesa) from about 125 to 32 ms per frame, measured
+    under load on the development VM, with no visible change in the shadows.
+    """
+    spec.visual.quality.shadowsize = 1024
+    spec.worldbody.add_camera(
+        name="workspace", pos=[0.7515, -0.295, 0.7953], xyaxes=[0.6428, 0.766, 0.0, -0.6275, 0.5265, 0.5736], fovy=45
+    )
 
 
 class ReachObstacleTask:

@@ -1,0 +1,113 @@
+"""Policy observations rebuilt from a recorded run exactly as the state-ingest node builds them live.
+
+The recorded ``/joint_states``, ``/task/target``, ``/task/pillar`` and ``/task/episode`` messages are fed, in the
+order the ingest would have received them, through the ingest's own core
+(:class:`koopman_control.core.observation.StateObservationBuilder`), so the replay sees the same ticks, padding,
+gaps and episode restarts as the live policy did.
+
+Ordering: messages are fed in the order the recorder received them (the bag's log time), which is the order
+a subscriber on the same machine sees them; ``/task/episode`` has no header stamp, so receive order is the only
+order all four topics share. At equal log times target/pillar come first, then the episode id, then joint
+states, as the ingest's executor serves them. Staleness is judged against each sample's own stamp ("received on
+time"): the age the live ingest saw is a property of that run's transport, not of the recorded data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from koopman_control.bag.reader import RecordedRun
+from koopman_control.core.observation import NS, Observation, StateObservationBuilder
+
+_TASK, _EPISODE, _STATE = 0, 1, 2
+
+
+@dataclass
+class Rebuilt:
+    observations: list[Observation]
+    sample_index: list[int]  # index into run.js_* of the newest step of each observation
+    builder: StateObservationBuilder  # its counters: emitted, missed_ticks, faults, gaps, dropped
+
+
+def _events(run: RecordedRun) -> list[tuple[int, int, int, object]]:
+    """(time, kind, index, payload) in feeding order; see the module docstring.
+
+    Latched state the recorder received late (it subscribed after the episode started) applies from the start:
+    a first target/pillar stamped before the first joint state, and the episode id that came with them, are
+    placed before every sample, as the ingest (running since the episode started) had them.
+    """
+    first_js = int(run.js_stamp_ns[0]) if len(run.js_stamp_ns) else 0
+    early = -(2**62)
+    ev: list[tuple[int, int, int, object]] = []
+    latched_until: int | None = None
+    for which, msgs in (("target", run.targets), ("pillar", run.pillars)):
+        for k, (stamp, log, xyz) in enumerate(msgs):
+            at = log
+            if k == 0 and stamp < first_js:
+                at = early
+                latched_until = max(latched_until or log, log)
+            ev.append((at, _TASK, k if which == "target" else 10**9 + k, (which, xyz)))
+    for k, (log, episode) in enumerate(run.episodes):
+        initial = k == 0 and latched_until is not None and log <= latched_until + NS // 2
+        ev.append((early if initial else log, _EPISODE, k, episode))
+    for i, log in enumerate(run.js_log_ns.tolist()):
+        ev.append((log, _STATE, i, None))
+    ev.sort(key=lambda e: (e[0], e[1], e[2]))
+    return ev
+
+
+def default_anchor(run: RecordedRun) -> int | None:
+    """A recorded sample the live ingest ticked on: the oldest step of the first recorded observation whose
+    sample is in the bag, else the first such chunk stamp (a chunk carries its observation's stamp), else None
+    (the grid then starts at the first sample).
+
+    The ingest anchors its tick grid on the first sample it ever saw, usually before the recorder started;
+    starting the rebuild on a sample the ingest ticked on puts both on the same grid, so rebuilt observations
+    carry the live stamps and recorded commands can be matched to them.
+    """
+    if not len(run.js_stamp_ns):
+        return None
+    recorded = set(run.js_stamp_ns.tolist())  # the anchor must be a sample the bag has (the recorder may miss some)
+    for o in run.observations:
+        if int(o.stamps_ns.min()) in recorded:
+            return int(o.stamps_ns.min())
+    for c in run.chunks:
+        if c.stamp_ns in recorded:
+            return int(c.stamp_ns)
+    return None
+
+
+def rebuild(run: RecordedRun, n_obs_steps: int, policy_rate_hz: float, use_task: bool = True,
+            anchor_ns: int | str | None = "auto", clock: str = "stamp") -> Rebuilt:
+    """Every observation the ingest would have published for this run, with its newest sample's index.
+
+    Joint states stamped before ``anchor_ns`` are not fed (``"auto"``: :func:`default_anchor`). The observation
+    emitted at the anchor itself is a warm-up (its history is padded, the live one was not) and is left out.
+    """
+    anchor = default_anchor(run) if anchor_ns == "auto" else anchor_ns
+    # Was the live history at the anchor padded too (an episode start)? Then the first observation is real.
+    live = next((o for o in run.observations if o.stamp_ns == anchor), None)
+    if live is not None:
+        warmup = bool(len(set(live.stamps_ns.tolist())) > 1)
+    else:
+        warmup = anchor is not None and len(run.js_stamp_ns) > 0 and anchor > int(run.js_stamp_ns[0])
+    b = StateObservationBuilder(run.joint_names, n_obs_steps, policy_rate_hz, use_task=use_task)
+    names = list(run.joint_names)
+    out: list[Observation] = []
+    idx: list[int] = []
+    for _log, kind, k, payload in _events(run):
+        if kind == _TASK:
+            which, xyz = payload  # type: ignore[misc]
+            b.set_task(**{which: xyz})
+        elif kind == _EPISODE:
+            b.set_episode(int(payload))  # type: ignore[arg-type]
+        else:
+            stamp = int(run.js_stamp_ns[k])
+            if anchor is not None and stamp < anchor:
+                continue
+            now = int(run.js_log_ns[k]) if clock == "log" else stamp
+            obs = b.on_joint_state(names, run.q[k], run.qd[k], stamp, now)
+            if obs is not None and not (stamp == anchor and obs.padded and not out and warmup):
+                out.append(obs)
+                idx.append(k)
+    return Rebuilt(out, idx, b)

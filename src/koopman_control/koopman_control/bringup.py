@@ -1,0 +1,154 @@
+"""The stack in one process: the nodes of :func:`koopman_control.stack.build_stack`, instantiated from their
+classes with the parameters ``ros2 launch`` would give them, each on its own executor thread.
+
+For pip-only machines (no ``launch``/``ros2`` CLI) and for tests and benchmarks, which read the nodes'
+statistics directly instead of scraping /diagnostics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import rclpy
+from rclpy.context import Context
+from rclpy.parameter import Parameter
+from rclpy.signals import SignalHandlerOptions
+
+from koopman_control.ros.base import GcMonitor, KoopmanNode, ParameterError, Spinner, settle_heap
+from koopman_control.stack import NodeSpec, StackArgs, StackError, build_stack
+
+#: What the issue asks of the stack in simulation on the development machine.
+TARGETS = {"latency_p50_ms": 2.0, "latency_p99_ms": 5.0, "missed_ticks": 0}
+
+
+class Stack:
+    """Running nodes plus their executors; ``close()`` destroys them and shuts down the context it made."""
+
+    def __init__(self, specs: list[NodeSpec], context: Context | None = None, domain_id: int | None = None) -> None:
+        self._own_context = context is None
+        if context is None:
+            context = Context()
+            rclpy.init(context=context, domain_id=domain_id, signal_handler_options=SignalHandlerOptions.NO)
+        self.context = context
+        self.specs = specs
+        self.nodes: dict[str, KoopmanNode] = {}
+        self.spinner: Spinner | None = None
+        self.gc: GcMonitor | None = None
+        try:
+            for spec in specs:
+                cls = spec.node_class()
+                overrides = [Parameter(k, value=v) for k, v in spec.parameters().items()]
+                self.nodes[spec.name] = cls(node_name=spec.name, context=context, parameter_overrides=overrides)
+            spun = [n for node in self.nodes.values() for n in node.spin_nodes()]
+            # One interpreter, one GIL: a normal-priority thread preempted by another process while it holds
+            # the GIL would stall the real-time threads waiting for it, so in-process every executor thread
+            # runs in the real-time class, below the control threads' own priorities.
+            base = min((p for node in self.nodes.values() for p in node.thread_priorities().values()), default=0)
+            prios = {n.get_name(): max(1, base // 2) for n in spun} if base else {}
+            prios.update({k: v for node in self.nodes.values() for k, v in node.thread_priorities().items()})
+            settle_heap()
+            self.gc = GcMonitor()
+            self.spinner = Spinner(spun, context, prios)
+            for node in self.nodes.values():
+                node.start()
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def from_args(cls, args: StackArgs | None = None, overrides: Mapping[str, Mapping[str, Any]] | None = None,
+                  context: Context | None = None, domain_id: int | None = None) -> Stack:
+        return cls(build_stack(args, overrides=overrides), context=context, domain_id=domain_id)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.nodes[name]
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def check(self) -> None:
+        """Raise the first error a node's thread hit (executor callbacks, the sim's physics loop)."""
+        if self.spinner is not None and self.spinner.errors:
+            raise self.spinner.errors[0]
+        sim = self.nodes.get("sim")
+        if sim is not None and getattr(sim, "loop", None) is not None and sim.loop.error is not None:
+            raise RuntimeError(f"sim physics loop stopped: {sim.loop.error!r}") from sim.loop.error
+
+    def reset_stats(self) -> None:
+        if self.gc is not None:
+            self.gc.pauses.reset()
+        for node in self.nodes.values():
+            if hasattr(node, "reset_stats"):
+                node.reset_stats()
+
+    def metrics(self) -> dict[str, Any]:
+        """The bench/bringup summary: episodes, success, latency, missed ticks, fallbacks, feedback rate."""
+        per_node = {name: node.metrics() for name, node in self.nodes.items() if hasattr(node, "metrics")}
+        pol = per_node.get("policy", {})
+        sim = per_node.get("sim", {})
+        lat = pol.get("latency_ms", {})
+        out: dict[str, Any] = {
+            "episodes": sim.get("episodes"),
+            "success_rate": sim.get("success_rate"),
+            "successes": sim.get("successes"),
+            "collisions": sim.get("collisions"),
+            "policy": pol.get("policy"),
+            "mode": pol.get("mode"),
+            "latency_ms": {k: lat.get(k) for k in ("p50", "p99", "max", "mean", "count")},
+            "missed_ticks": pol.get("missed_ticks"),
+            "deadline_misses": pol.get("deadline_misses"),
+            "fallback_events": pol.get("fallback_events"),
+            "control_rate_hz": pol.get("tick_rate", {}).get("rate_hz"),
+            "feedback": sim.get("feedback"),
+            "gc_pauses_ms": self.gc.pauses.summary() if self.gc is not None else None,
+            "nodes": per_node,
+        }
+        return out
+
+    def close(self) -> None:
+        if self.gc is not None:
+            self.gc.close()
+        if self.spinner is not None:
+            self.spinner.shutdown()
+            self.spinner = None
+        for node in reversed(list(self.nodes.values())):
+            # Keep closing the others if one fails; the context shutdown below cleans up the rest.
+            with contextlib.suppress(Exception):
+                node.close()
+        self.nodes.clear()
+        if self._own_context and self.context.ok():
+            rclpy.shutdown(context=self.context)
+
+
+def meets_targets(m: dict[str, Any]) -> dict[str, bool | None]:
+    lat = m.get("latency_ms", {})
+    return {
+        "latency_p50_ms": None if lat.get("p50") is None else lat["p50"] <= TARGETS["latency_p50_ms"],
+        "latency_p99_ms": None if lat.get("p99") is None else lat["p99"] <= TARGETS["latency_p99_ms"],
+        "missed_ticks": None if m.get("missed_ticks") is None else m["missed_ticks"] <= TARGETS["missed_ticks"],
+    }
+
+
+def run_for(stack: Stack, duration: float, warmup: float = 0.0, on_tick: Any = None, poll: float = 0.5) -> None:
+    """Run ``duration`` seconds after a ``warmup`` whose statistics are discarded."""
+    if warmup > 0:
+        t_end = time.monotonic() + warmup
+        while time.monotonic() < t_end:
+            time.sleep(min(poll, max(0.0, t_end - time.monotonic())))
+            stack.check()
+        stack.reset_stats()
+    t_end = time.monotonic() + duration
+    while time.monotonic() < t_end:
+        time.sleep(min(poll, max(0.0, t_end - time.monotonic())))
+        stack.check()
+        if on_tick is not None:
+            on_tick(stack)
+
+
+__all__ = ["TARGETS", "ParameterError", "Stack", "StackArgs", "StackError", "meets_targets", "run_for"]

@@ -1,0 +1,35 @@
+"""Kinova Gen3 through Kinova's Kortex API: client, bridge core, limits, units and the MuJoCo stand-in.
+
+``kortex_api`` is imported only when ``backend: kortex`` is used (:mod:`koopman_control.kortex.api`), so the
+stack installs and tests without Kinova's wheel. :func:`bridge_spec` is what the stack description
+(:mod:`koopman_control.stack`) needs to start ``kortex_bridge_node`` for a real arm or the stand-in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+KINOVA_FILE = "kinova.yaml"
+ROBOTS = ("sim", "kortex", "kortex-standin")
+STANDIN_IP = "192.168.1.10"
+
+
+def bridge_spec(robot: str, root: str | Path, robot_ip: str | None = None) -> tuple[tuple[Path, ...], dict[str, Any]]:
+    """Parameter files (after ``config/stack.yaml``) and overrides of ``kortex_bridge`` for ``robot``.
+
+    ``kortex``: the real arm at ``robot_ip`` with ``config/kinova.yaml``. ``kortex-standin``: the same file and
+    code path against the in-process stand-in, which also provides the task scene (target, pillar, scoring).
+    """
+    if robot not in ROBOTS[1:]:
+        raise ValueError(f"robot must be one of {', '.join(ROBOTS[1:])} for the bridge, got {robot!r}")
+    cfg = Path(root) / "config" / KINOVA_FILE
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{cfg} not found (the real robot's limits and rates)")
+    overrides: dict[str, Any] = {}
+    if robot_ip:
+        overrides["robot_ip"] = robot_ip
+    if robot == "kortex-standin":
+        overrides.update(backend="standin", task_source="standin")
+        overrides.setdefault("robot_ip", STANDIN_IP)
+    return (cfg,), overrides

@@ -1,0 +1,1 @@
+"""rclpy nodes; each module has the node class and a ``main()`` console script."""

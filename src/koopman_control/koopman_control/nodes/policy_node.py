@@ -1,0 +1,371 @@
+"""Runs the selected student on every observation and publishes its action chunk; falls back to the teacher.
+
+Topics (names are parameters, because the control path lives on a companion node, see below):
+  in  ``/policy/observation`` (JointTrajectory, from state_ingest), ``/teacher/action_chunk`` (teacher_node)
+  out ``/policy/action_chunk`` (JointTrajectory: header.stamp = observation stamp, points from
+      time_from_start 0 every control_dt), ``/policy/mode`` (latched std_msgs/String), ``/diagnostics``
+
+A control tick is the arrival of an observation (the ingest emits them at the policy rate from the robot's
+own sample stamps); latency is chunk publication minus observation stamp, and a tick counts as missed when
+no chunk for it was published within one period, or when no observation arrived for it.
+
+Parameter ``policy`` (catalogue name or path) can be set at run time: the new model is loaded and probed on
+the current observation in the parameter callback, on the node's own executor thread, and only a model that
+passes is handed to the control thread, which swaps it in at the start of its next tick. The control path
+therefore runs on a companion node ``<name>_control`` with its own executor thread: a slow load (or a refused
+one) never delays a tick. A refused model leaves the running one untouched and the reason is returned in
+the set-parameters result.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.node import Node
+from std_msgs.msg import String
+from trajectory_msgs.msg import JointTrajectory
+
+from koopman_control.core.chunk import published_points
+from koopman_control.core.observation import NS
+from koopman_control.core.policy_runner import PolicyLoadError, PolicyRunner
+from koopman_control.core.stats import RateMeter, SampleStats
+from koopman_control.core.supervisor import FallbackSupervisor, Mode
+from koopman_control.ros import convert, qos
+from koopman_control.ros.base import ERROR, OK, WARN, KoopmanNode, run_node
+
+NAME = "policy"
+
+
+def episode_of(frame_id: str) -> int:
+    """The ingest writes ``episode_<id>`` into the observation's frame_id (0 when absent)."""
+    if frame_id.startswith("episode_"):
+        try:
+            return int(frame_id[8:])
+        except ValueError:
+            return 0
+    return 0
+
+
+def load_runner(node: KoopmanNode, name: str) -> PolicyRunner:
+    """Load a policy with the node's serving parameters (shared by the policy and teacher nodes)."""
+    return PolicyRunner.load(
+        name or None, root=node.param("catalog_root") or None, intra_op_threads=node.param("intra_op_threads"),
+        seed=node.param("seed"), teacher_steps=node.param("teacher_steps"),
+        ood_threshold=node.param("ood_threshold") if node.has_parameter("ood_threshold") else None,
+        limit_margin=node.param("limit_margin") if node.has_parameter("limit_margin") else 0.0,
+        providers=[p.strip() for p in node.param("providers").split(",") if p.strip()] or None)
+
+
+def probe_input(runner: PolicyRunner, last: tuple | None) -> tuple[np.ndarray, list[str]]:
+    """The newest real observation if there is one, else the middle of the model's training range."""
+    if last is not None:
+        return last[1], last[2]
+    m = runner.meta
+    mid = (np.asarray(m.obs_low) + np.asarray(m.obs_high)) / 2
+    return np.repeat(mid[None], m.n_obs_steps, axis=0).astype(np.float32), list(m.obs_names)
+
+
+class PolicyNode(KoopmanNode):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(NAME, **kwargs)
+        from koopman_sim.gen3 import JOINT_NAMES
+        from koopman_sim.tasks.reach_obstacle import OBS_NAMES
+
+        self.declare("policy", "", "catalogue name or path of the policy to run ('' = catalogue default)")
+        self.declare("catalog_root", "", "directory holding config/policies.yaml ('' = search)", read_only=True)
+        self.declare("policy_rate", 10.0, "control rate (Hz): ticks, deadline and missed-tick accounting")
+        self.declare("deadline_ms", 0.0, "time budget of one student call (ms); 0 = half a policy period")
+        self.declare("teacher_fallback", True, "fall back to teacher_node's chunks when the student is unhealthy")
+        self.declare("recover_ticks", 10, "healthy student ticks before leaving the fallback")
+        self.declare("ood_threshold", 0.0, "OOD score threshold; 0 = the model's ood_threshold metadata")
+        self.declare("limit_margin", 0.0, "tolerance (rad) beyond the joint limits before an action is unhealthy")
+        self.declare("seed", 0, "noise seed; the noise is drawn per (seed, episode)")
+        self.declare("intra_op_threads", 1, "ONNX Runtime intra-op threads", read_only=True)
+        self.declare("providers", "CPUExecutionProvider", "ONNX Runtime providers, comma-separated ('' = "
+                                                          "TensorRT, CUDA, CPU: the first that works)")
+        self.declare("teacher_steps", 10, "DDIM steps when a teacher is served from its denoiser")
+        self.declare("history_steps", 2, "observation history the ingest provides (n_obs_steps)")
+        self.realtime_priority = self.declare("realtime_priority", 0, "SCHED_FIFO priority of the control "
+                                                                      "thread (0 = normal)", read_only=True)
+        self.declare("observation_topic", "/policy/observation", "observation input", read_only=True)
+        self.declare("chunk_topic", "/policy/action_chunk", "action chunk output", read_only=True)
+        self.declare("teacher_chunk_topic", "/teacher/action_chunk", "teacher chunk input", read_only=True)
+        self.declare("mode_topic", "/policy/mode", "mode output (latched)", read_only=True)
+        self.obs_names = list(OBS_NAMES)
+        self.joint_names = list(JOINT_NAMES)
+        self.period_ns = round(NS / self.param("policy_rate"))
+        self.supervisor = FallbackSupervisor(self.param("teacher_fallback"), self.param("recover_ticks"))
+        self.runner: PolicyRunner | None = None
+        self.load_error = ""
+        self._pending: PolicyRunner | None = None
+        self._lock = threading.Lock()
+        self._last_obs: tuple | None = None  # (stamp, history, names, episode)
+        # statistics (written by the control thread, read by diagnostics/bringup)
+        self.latency = SampleStats()  # ms, every published chunk
+        self.student_latency = SampleStats()
+        self.teacher_latency = SampleStats()
+        self.compute = SampleStats()  # ms, model call only
+        self.arrival = SampleStats()  # ms, observation stamp -> received here (sensor + ingest + two hops)
+        self.tick_rate = RateMeter(self.param("policy_rate"))
+        self.ticks = 0
+        self.missed_ticks = 0
+        self.deadline_misses = 0
+        self.published = 0
+        self.teacher_forwarded = 0
+        self.bad_observations = 0
+        self.swaps = 0
+        self.last_ood: float | None = None
+        self._prev_stamp: int | None = None
+        self._last_rx: float | None = None
+        self._prev_served = True
+        self._last_pub_stamp = -1
+        self._teacher_latest: JointTrajectory | None = None
+
+        try:
+            runner = load_runner(self, self.param("policy"))
+            self._validate(runner)
+            self.runner = runner
+            self.supervisor.select(runner.is_teacher)
+        except PolicyLoadError as err:
+            self.load_error = str(err)
+            self.supervisor.mode = Mode.HOLD
+            self.get_logger().error(f"no policy running (the arm holds): {err}")
+
+        self.mode_pub = self.create_publisher(String, self.param("mode_topic"), qos.LATCHED)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        # Control path on its own node/executor thread (see module docstring).
+        self.control = Node(f"{self.get_name()}_control", context=self.context, namespace=self.get_namespace(),
+                            use_global_arguments=False, start_parameter_services=False)
+        self.companions.append(self.control)
+        self.chunk_pub = self.control.create_publisher(JointTrajectory, self.param("chunk_topic"), qos.CONTROL)
+        self.control.create_subscription(JointTrajectory, self.param("teacher_chunk_topic"), self._on_teacher_chunk,
+                                         qos.CONTROL)
+        self.control.create_subscription(JointTrajectory, self.param("observation_topic"), self._on_observation,
+                                         qos.CONTROL)
+        self._published_mode: Mode | None = None
+        self._publish_mode()
+        self.start_diagnostics()
+
+    # -- parameters (node executor thread) -------------------------------------------------------------------
+    def _validate(self, runner: PolicyRunner) -> None:
+        runner.check_interface(self.obs_names, self.joint_names, self.param("history_steps"))
+        hist, names = probe_input(runner, self._last_obs)
+        median_s = runner.probe(hist, names)
+        deadline = self.deadline_ns() / 1e9
+        if median_s > deadline:
+            raise PolicyLoadError(f"policy {runner.name!r} is too slow for {self.param('policy_rate'):g} Hz: "
+                                  f"{median_s * 1e3:.1f} ms per call > deadline {deadline * 1e3:.1f} ms")
+
+    def deadline_ns(self) -> int:
+        ms = self.param("deadline_ms")
+        return round(ms * 1e6) if ms > 0 else self.period_ns // 2
+
+    def _on_set_parameters(self, params: list) -> SetParametersResult:
+        staged: PolicyRunner | None = None
+        params = [prm for prm in params if prm.name in self._defaults]  # e.g. use_sim_time is rclpy's
+        for prm in params:
+            try:
+                value = self.coerce(prm)
+            except ValueError as err:
+                return SetParametersResult(successful=False, reason=str(err))
+            if prm.name == "policy":
+                try:
+                    staged = load_runner(self, value)
+                    self._validate(staged)
+                except PolicyLoadError as err:
+                    self.get_logger().warning(f"policy {value!r} refused, keeping "
+                                              f"{self.runner.name if self.runner else 'none'}: {err}")
+                    return SetParametersResult(successful=False, reason=str(err))
+            elif prm.name == "policy_rate" and not value > 0:
+                return SetParametersResult(successful=False, reason="policy_rate must be positive")
+            elif prm.name == "recover_ticks" and value < 1:
+                return SetParametersResult(successful=False, reason="recover_ticks must be >= 1")
+        for prm in params:  # everything valid: apply
+            value = self.coerce(prm)
+            if prm.name == "teacher_fallback":
+                self.supervisor.set_fallback_enabled(value)
+            elif prm.name == "recover_ticks":
+                self.supervisor.recover_ticks = value
+            elif prm.name == "policy_rate":
+                self.period_ns = round(NS / value)
+            elif prm.name == "ood_threshold" and self.runner is not None:
+                self.runner.ood_threshold = value if value > 0 else self.runner.meta.ood_threshold
+        if staged is not None:
+            with self._lock:
+                self._pending = staged
+            self.get_logger().info(f"policy {staged.name!r} ({staged.source}) validated; swapping at the next tick")
+        return SetParametersResult(successful=True)
+
+    # -- control (companion executor thread) -----------------------------------------------------------------
+    def _now(self) -> int:
+        return time.time_ns()
+
+    def _take_pending(self) -> None:
+        if self._pending is None:
+            return
+        with self._lock:
+            runner, self._pending = self._pending, None
+        if runner is not None:
+            self.runner = runner
+            self.load_error = ""
+            self.swaps += 1
+            self.supervisor.select(runner.is_teacher, self._now())
+            self._publish_mode()
+
+    def _account(self, stamp: int) -> None:
+        """Missed ticks: the previous tick unserved, or whole periods without an observation."""
+        if self._prev_stamp is not None:
+            if not self._prev_served:
+                self.missed_ticks += 1
+            gap = stamp - self._prev_stamp
+            if gap > 1.5 * self.period_ns:
+                self.missed_ticks += round(gap / self.period_ns) - 1
+        self._prev_stamp = stamp
+        self._prev_served = False
+
+    def _publish_chunk(self, msg: JointTrajectory, stamp: int, stats: SampleStats) -> None:
+        self.chunk_pub.publish(msg)
+        now = self._now()
+        lat_ms = (now - stamp) / 1e6
+        self.latency.add(lat_ms)
+        stats.add(lat_ms)
+        self.published += 1
+        self._last_pub_stamp = stamp
+        if stamp == self._prev_stamp and now - stamp <= self.period_ns:
+            self._prev_served = True
+
+    def _on_observation(self, msg: JointTrajectory) -> None:
+        t_rx = self._now()
+        try:
+            stamp, hist, names, _ = convert.observation_from_msg(msg)
+        except ValueError as err:
+            self.bad_observations += 1
+            self.get_logger().error(f"malformed observation ignored: {err}", throttle_duration_sec=2.0)
+            return
+        episode = episode_of(msg.header.frame_id)
+        self.arrival.add((t_rx - stamp) / 1e6)
+        self.ticks += 1
+        self._last_rx = time.monotonic()
+        self.tick_rate.tick(self._last_rx)
+        self._account(stamp)
+        self._last_obs = (stamp, hist, names, episode)
+        self._take_pending()
+        runner = self.runner
+        if runner is None:
+            return
+        runner.new_episode(episode)
+        res = runner.step(hist, names, budget_s=self.deadline_ns() / NS)
+        self.compute.add(res.compute_s * 1e3)
+        self.last_ood = res.ood_score
+        if res.health.kind == "deadline":
+            self.deadline_misses += 1
+        mode = self.supervisor.update(res.health, stamp)
+        if mode is not self._published_mode:
+            self._publish_mode()
+            if not res.health.ok:
+                self.get_logger().warning(f"{mode.value}: {res.health.reason}")
+        serve = mode is Mode.STUDENT or (mode is Mode.TEACHER and res.chunk is not None
+                                         and res.health.kind in ("ok", "deadline", "ood"))
+        if serve and res.chunk is not None:
+            m = runner.meta
+            offsets, points = published_points(res.chunk, m.n_obs_steps, m.control_dt)
+            out = convert.chunk_msg(stamp, m.action_names, offsets, points.astype(np.float64))
+            self._publish_chunk(out, stamp, self.student_latency if mode is Mode.STUDENT else self.teacher_latency)
+        elif mode is Mode.FALLBACK:
+            t = self._teacher_latest
+            if t is not None and convert.from_time(t.header.stamp) == stamp:
+                self._forward_teacher(t)
+
+    def _on_teacher_chunk(self, msg: JointTrajectory) -> None:
+        self._teacher_latest = msg
+        if self.supervisor.mode is Mode.FALLBACK:
+            self._forward_teacher(msg)
+
+    def _forward_teacher(self, msg: JointTrajectory) -> None:
+        stamp = convert.from_time(msg.header.stamp)
+        if stamp <= self._last_pub_stamp:
+            return  # already served this tick (or an older one): the executor follows the newest anyway
+        self.teacher_forwarded += 1
+        self._publish_chunk(msg, stamp, self.teacher_latency)
+
+    def _publish_mode(self) -> None:
+        mode = self.supervisor.mode
+        self._published_mode = mode
+        self.mode_pub.publish(String(data=mode.value))
+
+    # -- reporting -------------------------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        """Start a measurement window (the bench discards its warm-up)."""
+        for st in (self.latency, self.student_latency, self.teacher_latency, self.compute, self.arrival):
+            st.reset()
+        self.tick_rate.reset()
+        self.ticks = self.missed_ticks = self.deadline_misses = self.published = self.teacher_forwarded = 0
+        self.bad_observations = 0
+        self.supervisor.fallback_events = 0
+        self.supervisor.unhealthy_by_kind.clear()
+
+    def metrics(self) -> dict[str, Any]:
+        sup = self.supervisor
+        return {
+            "policy": self.runner.name if self.runner else None,
+            "source": self.runner.source if self.runner else None,
+            "mode": sup.mode.value,
+            "ticks": self.ticks,
+            "published": self.published,
+            "missed_ticks": self.missed_ticks,
+            "deadline_misses": self.deadline_misses,
+            "fallback_events": sup.fallback_events,
+            "unhealthy": dict(sup.unhealthy_by_kind),
+            "last_unhealthy_reason": sup.last_reason,
+            "teacher_forwarded": self.teacher_forwarded,
+            "swaps": self.swaps,
+            "bad_observations": self.bad_observations,
+            "latency_ms": self.latency.summary(),
+            "student_latency_ms": self.student_latency.summary(),
+            "teacher_latency_ms": self.teacher_latency.summary(),
+            "compute_ms": self.compute.summary(),
+            "arrival_ms": self.arrival.summary(),
+            "tick_rate": self.tick_rate.summary(),
+            "last_ood_score": self.last_ood,
+            "ood_threshold": self.runner.ood_threshold if self.runner else None,
+        }
+
+    def diagnostics(self) -> list[tuple[str, int, str, dict[str, Any]]]:
+        sup = self.supervisor
+        lat = self.latency.summary(last=600)
+        rate = self.tick_rate.summary(last=100)
+        period_s = self.period_ns / NS
+        if self._last_rx is None:
+            watchdog = "waiting for observations"
+        elif time.monotonic() - self._last_rx > 3 * period_s:
+            watchdog = f"no observation for {time.monotonic() - self._last_rx:.1f} s"
+        else:
+            watchdog = "ok"
+        if self.runner is None:
+            level, msg = ERROR, f"no policy: {self.load_error}"
+        elif sup.mode is Mode.HOLD:
+            level, msg = ERROR, f"hold: {sup.last_reason}"
+        elif sup.mode is Mode.FALLBACK:
+            level, msg = WARN, f"teacher fallback: {sup.last_reason}"
+        elif watchdog != "ok":
+            level, msg = WARN, watchdog
+        else:
+            level, msg = OK, f"{sup.mode.value}: {self.runner.name}"
+        return [("", level, msg, {
+            "mode": sup.mode.value, "policy": self.runner.name if self.runner else "",
+            "rate_hz": rate["rate_hz"], "latency_p50_ms": lat["p50"], "latency_p99_ms": lat["p99"],
+            "missed_ticks": self.missed_ticks, "deadline_misses": self.deadline_misses,
+            "fallback_events": sup.fallback_events, "last_unhealthy": sup.last_reason,
+            "ood_score": self.last_ood, "watchdog": watchdog})]
+
+
+def main(args: list[str] | None = None) -> int:
+    return run_node(PolicyNode, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

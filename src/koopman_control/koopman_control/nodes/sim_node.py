@@ -1,0 +1,237 @@
+"""MuJoCo Gen3 reach-obstacle task as a robot on ROS topics.
+
+Publishes ``/joint_states`` at the feedback rate from a real-time thread, the task's target and pillar
+(latched ``geometry_msgs/PointStamped``), the episode id (latched ``std_msgs/UInt32``, published after the
+target so a subscriber created first sees them in order), episode results (``std_msgs/String``, JSON) and,
+when enabled, camera frames rendered offscreen on their own thread. Executes ``/policy/action_chunk``
+(``trajectory_msgs/JointTrajectory``) through :class:`ChunkExecutor`: clamped to the joint limits, held
+still after ``command_timeout``. The Kinova bridge offers the same topics, so the two are interchangeable.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+from geometry_msgs.msg import PointStamped
+from sensor_msgs.msg import Image, JointState
+from std_msgs.msg import String, UInt32
+from std_srvs.srv import Trigger
+from trajectory_msgs.msg import JointTrajectory
+
+from koopman_control.core.realtime import PeriodicLoop
+from koopman_control.core.sim_driver import EpisodeStart, SimDriver
+from koopman_control.ros import convert, qos
+from koopman_control.ros.base import ERROR, OK, WARN, KoopmanNode, ParameterError, run_node
+
+NAME = "sim"
+
+
+class SimNode(KoopmanNode):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(NAME, **kwargs)
+        p = {
+            "feedback_rate": self.declare("feedback_rate", 500.0, "joint_states rate (Hz), up to 1000"),
+            "physics_dt": self.declare("physics_dt", 0.002, "MuJoCo step (s); never coarser than 1/feedback_rate"),
+            "time_limit": self.declare("time_limit", 8.0, "episode time limit (s)"),
+            "seed": self.declare("seed", 0, "base seed of the episode sampler"),
+            "auto_reset": self.declare("auto_reset", True, "start a new episode after success/collision/timeout"),
+            "command_timeout": self.declare("command_timeout", 0.3, "hold the arm still after this long without "
+                                                                    "a chunk (s)"),
+            "interpolation": self.declare("interpolation", "linear", "chunk interpolation: linear | zoh"),
+            "model_path": self.declare("model_path", "", "MJCF of the arm ('' = bundled gen3.xml)"),
+            "publish_camera": self.declare("publish_camera", False, "render and publish camera frames"),
+            "camera_rate": self.declare("camera_rate", 10.0, "camera frame rate (Hz)"),
+            "camera_width": self.declare("camera_width", 128, "camera frame width (px)"),
+            "camera_height": self.declare("camera_height", 96, "camera frame height (px)"),
+            "camera_name": self.declare("camera_name", "overview", "MuJoCo camera to render"),
+            "frame_id": self.declare("frame_id", "base_link", "frame of the target/pillar points"),
+            "realtime_priority": self.declare("realtime_priority", 0, "SCHED_FIFO priority of the physics and "
+                                                                      "executor threads (0 = normal)"),
+        }
+        self.realtime_priority = p["realtime_priority"]
+        if not 0 < p["feedback_rate"] <= 1000:
+            raise ParameterError(f"feedback_rate must be in (0, 1000] Hz, got {p['feedback_rate']}")
+        self.p = p
+        try:
+            self.driver = SimDriver(
+                feedback_rate_hz=p["feedback_rate"], physics_dt=p["physics_dt"], time_limit=p["time_limit"],
+                seed=p["seed"], auto_reset=p["auto_reset"], command_timeout_s=p["command_timeout"],
+                interpolation=p["interpolation"], model_path=p["model_path"] or None)
+        except (ValueError, FileNotFoundError) as err:
+            raise ParameterError(str(err)) from None
+        self.joint_names = list(self.driver.joint_names)
+        self.js_pub = self.create_publisher(JointState, "/joint_states", qos.SENSOR_PUB)
+        self.target_pub = self.create_publisher(PointStamped, "/task/target", qos.LATCHED)
+        self.pillar_pub = self.create_publisher(PointStamped, "/task/pillar", qos.LATCHED)
+        self.episode_pub = self.create_publisher(UInt32, "/task/episode", qos.LATCHED)
+        self.result_pub = self.create_publisher(String, "/task/episode_result", qos.EVENTS)
+        self.image_pub = self.create_publisher(Image, "/camera/image_raw", qos.SENSOR_PUB) \
+            if p["publish_camera"] else None
+        self.create_subscription(JointTrajectory, "/policy/action_chunk", self._on_chunk, qos.CONTROL)
+        self.create_service(Trigger, "~/reset_episode", self._on_reset)
+        self.add_on_set_parameters_callback(self._on_params)
+        self.chunk_errors = 0
+        self.last_chunk_error = ""
+        self.loop = PeriodicLoop(p["feedback_rate"], self._cycle, name="sim-physics",
+                                 priority=p["realtime_priority"])
+        self._camera_stop = threading.Event()
+        self._camera_thread: threading.Thread | None = None
+        self.camera_rate_meter = None
+        self.camera_error = ""
+        self.start_diagnostics()
+
+    def start(self) -> None:
+        """Physics (and camera) threads start once the whole stack exists, so that no sample is published
+        into nodes still being built (they would arrive stale)."""
+        if self.loop.running:
+            return
+        self._announce(self.driver.reset_episode(self._now()))
+        self.loop.start()
+        time.sleep(0.01)
+        if self.loop.priority_problem:
+            self.get_logger().warning(f"physics thread at normal priority: {self.loop.priority_problem}")
+        if self.image_pub is not None:
+            self._camera_thread = threading.Thread(target=self._camera_loop, name="sim-camera", daemon=True)
+            self._camera_thread.start()
+
+    def _now(self) -> int:
+        return time.time_ns()  # the node clock is the system clock (no sim time): stamps match a real robot's
+
+    # -- real-time loop --------------------------------------------------------------------------------------
+    def _cycle(self, skipped: int) -> None:
+        now = self._now()
+        st = self.driver.step(now, skipped)
+        self.js_pub.publish(convert.joint_state(st.stamp_ns, self.joint_names, st.q, st.qd))
+        if st.result is not None:
+            self.result_pub.publish(String(data=json.dumps(st.result)))
+        if st.started is not None:
+            self._announce(st.started)
+
+    def _announce(self, ep: EpisodeStart) -> None:
+        """Target and pillar first, then the episode id: the ingest's subscriptions see them in that order."""
+        for pub, xyz in ((self.target_pub, ep.target), (self.pillar_pub, ep.pillar)):
+            msg = PointStamped()
+            msg.header.stamp = convert.to_time(ep.stamp_ns)
+            msg.header.frame_id = self.p["frame_id"]
+            msg.point.x, msg.point.y, msg.point.z = (float(v) for v in xyz)
+            pub.publish(msg)
+        self.episode_pub.publish(UInt32(data=ep.episode))
+
+    # -- commands --------------------------------------------------------------------------------------------
+    def _on_chunk(self, msg: JointTrajectory) -> None:
+        now = self._now()
+        try:
+            chunk = convert.chunk_from_msg(msg, self.joint_names)
+        except ValueError as err:
+            ok, reason = self.driver.refuse(str(err))
+        else:
+            ok, reason = self.driver.submit(chunk, now)
+        if not ok:
+            self.chunk_errors += 1
+            self.last_chunk_error = reason
+            self.get_logger().warning(f"action chunk refused: {reason}", throttle_duration_sec=2.0)
+
+    def _on_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        ep = self.driver.reset_episode(self._now())
+        self._announce(ep)
+        response.success = True
+        response.message = json.dumps({"episode": ep.episode, "seed": ep.seed, "target": ep.target.tolist(),
+                                       "pillar": ep.pillar.tolist()})
+        return response
+
+    def _on_params(self, params: list) -> Any:
+        from rcl_interfaces.msg import SetParametersResult
+
+        for prm in params:
+            if prm.name == "auto_reset":
+                self.driver.auto_reset = self.coerce(prm)
+            elif prm.name == "seed":
+                self.driver.seed = self.coerce(prm)
+            elif prm.name in self._defaults:
+                return SetParametersResult(successful=False, reason=f"{prm.name} is fixed at start-up")
+        return SetParametersResult(successful=True)
+
+    # -- camera ----------------------------------------------------------------------------------------------
+    def _camera_loop(self) -> None:
+        """Renders on its own thread (the EGL context lives here) from a snapshot of the physics state."""
+        import mujoco
+
+        from koopman_control.core.stats import RateMeter
+
+        model = self.driver.arm.model
+        data = mujoco.MjData(model)
+        try:
+            renderer = mujoco.Renderer(model, self.p["camera_height"], self.p["camera_width"])
+        except Exception as err:  # no EGL/OSMesa: report, keep the arm running
+            self.camera_error = f"offscreen rendering unavailable: {err}"
+            self.get_logger().error(self.camera_error)
+            return
+        self.camera_rate_meter = RateMeter(self.p["camera_rate"])
+        period = 1.0 / self.p["camera_rate"]
+        t_next = time.monotonic()
+        try:
+            while not self._camera_stop.wait(max(0.0, t_next - time.monotonic())):
+                t_next += period
+                stamp = self._now()
+                qpos, mocap = self.driver.snapshot()
+                data.qpos[:] = qpos
+                data.mocap_pos[:] = mocap
+                mujoco.mj_kinematics(model, data)
+                renderer.update_scene(data, camera=self.p["camera_name"])
+                rgb = renderer.render()
+                if self.image_pub is not None:
+                    self.image_pub.publish(convert.image_msg(stamp, rgb))
+                self.camera_rate_meter.tick(time.monotonic())
+        finally:
+            renderer.close()
+
+    # -- reporting -------------------------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        """Start a measurement window: rate statistics and the episode tally restart."""
+        self.loop.rate.reset()
+        self.loop.overruns = self.loop.skipped = 0
+        with self.driver.lock:
+            self.driver.results.clear()
+
+    def metrics(self) -> dict[str, Any]:
+        rate = self.loop.rate.summary()
+        out = {"feedback": {**rate, "overruns": self.loop.overruns, "skipped_cycles": self.loop.skipped},
+               **self.driver.summary(), "chunk_errors": self.chunk_errors}
+        if self.camera_rate_meter is not None:
+            out["camera"] = self.camera_rate_meter.summary()
+        return out
+
+    def diagnostics(self) -> list[tuple[str, int, str, dict[str, Any]]]:
+        fb = self.loop.rate.summary(last=int(self.p["feedback_rate"]) * 5)
+        s = self.driver.summary()
+        level, msg = OK, "running"
+        if self.loop.error is not None:
+            level, msg = ERROR, f"physics loop stopped: {self.loop.error!r}"
+        elif fb["rate_hz"] is not None and fb["rate_hz"] < 0.95 * self.p["feedback_rate"]:
+            level, msg = WARN, f"feedback rate {fb['rate_hz']:.0f} Hz below {self.p['feedback_rate']:.0f} Hz"
+        ex = self.driver.executor
+        return [("", level, msg, {
+            "feedback_rate_hz": fb["rate_hz"], "jitter_ms": fb["jitter_ms"], "late_p99_ms": fb["late_p99_ms"],
+            "overruns": self.loop.overruns, "episode": self.driver.episode, "episodes_done": s["episodes"],
+            "success_rate": s["success_rate"], "executor": ex.state.value,
+            "chunks_accepted": ex.counters.accepted, "chunks_rejected": ex.counters.rejected,
+            "chunks_clamped": ex.counters.clamped, "command_timeouts": ex.counters.timeouts,
+            "last_reject": ex.counters.last_reject_reason})]
+
+    def close(self) -> None:
+        self.loop.stop()
+        self._camera_stop.set()
+        if self._camera_thread is not None:
+            self._camera_thread.join(2.0)
+        super().close()
+
+
+def main(args: list[str] | None = None) -> int:
+    return run_node(SimNode, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

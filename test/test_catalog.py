@@ -1,0 +1,66 @@
+"""Policy catalogue: the repository's config/policies.yaml, name resolution and paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from koopman_policy.catalog import CatalogError, UnknownPolicyError, load_catalog, resolve_policy
+from koopman_policy.checkpoint import save_policy
+from koopman_policy.onnx_export import export_policy
+from koopman_policy.registry import POLICIES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repository_catalogue() -> None:
+    catalog = load_catalog(REPO)
+    assert catalog.default == "dkoopman"
+    state = {name: e for name, e in catalog.policies.items() if e.inputs == "state"}
+    assert set(state) == set(POLICIES)
+    for name, entry in catalog.policies.items():
+        assert entry.method == name or entry.inputs == "image"
+        assert entry.onnx is not None and entry.checkpoint is not None
+        assert entry.onnx.is_relative_to(REPO / "models")
+    teacher = resolve_policy("teacher", root=REPO)
+    assert teacher.onnx_denoiser == REPO / "models/gen3_teacher/denoiser.onnx"
+    assert resolve_policy(None, root=REPO).name == "dkoopman"
+
+
+def test_unknown_name_lists_known_names() -> None:
+    known = r"known: bc, camera_dkoopman, camera_teacher, cd, dkoopman"
+    with pytest.raises(UnknownPolicyError, match=r"unknown policy 'dkoopmann'.*" + known):
+        resolve_policy("dkoopmann", root=REPO)
+
+
+def test_paths_are_accepted_directly(tmp_path) -> None:
+    policy = POLICIES["oneflow"](POLICIES["oneflow"].config_class())
+    ckpt = save_policy(policy, tmp_path / "my_flow")
+    entry = resolve_policy(str(ckpt), root=tmp_path)
+    assert (entry.name, entry.method, entry.checkpoint, entry.onnx) == ("my_flow", "oneflow", ckpt, None)
+    onnx_path = export_policy(policy, ckpt / "policy.onnx")
+    assert resolve_policy(ckpt, root=tmp_path).onnx == onnx_path
+    direct = resolve_policy(onnx_path, root=tmp_path)
+    assert (direct.method, direct.onnx, direct.checkpoint) == ("oneflow", onnx_path, None)
+    (tmp_path / "junk.onnx").write_bytes(b"junk")
+    with pytest.raises(UnknownPolicyError, match="not a readable ONNX file"):
+        resolve_policy(tmp_path / "junk.onnx", root=tmp_path)
+
+
+def test_catalogue_format_errors(tmp_path) -> None:
+    (tmp_path / "config").mkdir()
+    path = tmp_path / "config" / "policies.yaml"
+    path.write_text("policies:\n  a: {method: bc, onnx: models/a.onnx}\ndefault: a\n")
+    entry = resolve_policy("a", root=tmp_path)
+    assert entry.onnx == tmp_path / "models/a.onnx" and entry.card is None
+    assert entry.expected_sha256() is None
+    path.write_text("policies:\n  a: {method: bc, onxx: models/a.onnx}\n")
+    with pytest.raises(CatalogError, match="unknown fields"):
+        load_catalog(tmp_path)
+    path.write_text("policies:\n  a: {method: bc}\ndefault: b\n")
+    with pytest.raises(CatalogError, match="default 'b'"):
+        load_catalog(tmp_path)
+    path.write_text("policies: [unclosed\n")
+    with pytest.raises(CatalogError, match="not valid YAML"):
+        load_catalog(tmp_path)

@@ -1,0 +1,127 @@
+"""The ``koopman-distill`` pipeline end to end on a tiny problem, through its real command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from koopman_distill.cli import main
+from koopman_policy.checkpoint import load_policy
+from koopman_policy.registry import STUDENT_METHODS
+from koopman_sim.collect import collect
+
+TINY_TEACHER = ["--set", "down_dims=8,16", "--set", "step_embed_dim=8", "--set", "n_groups=4"]
+TINY_STUDENT = ["--set", "hidden_dim=32", "--set", "cond_embed_dim=8"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pipeline")
+    collect("gen3_reach_obstacle", episodes=6, out=root / "demos.h5", seed=0, progress=False)
+    assert main(["teacher", "--data", str(root / "demos.h5"), "--out", str(root / "teacher"),
+                 "--steps", "30", "--batch-size", "32", *TINY_TEACHER]) == 0
+    assert main(["teacher-data", "--teacher", str(root / "teacher"), "--data", str(root / "demos.h5"),
+                 "--out", str(root / "td.h5"), "--steps", "3", "--draws", "1"]) == 0
+    return root
+
+
+def test_teacher_card_records_provenance(pipeline):
+    card = json.loads((pipeline / "teacher" / "card.json").read_text())
+    assert card["method"] == "teacher"
+    assert len(card["data"]["sha256"]) == 64
+    assert card["command"].startswith("koopman-distill teacher")
+    assert card["commit"]
+    assert card["training"]["steps"] == 30
+    assert not (pipeline / "teacher" / "train_state.safetensors").exists()
+
+
+@pytest.mark.parametrize("method", STUDENT_METHODS)
+def test_every_student_method_distils_and_loads(pipeline, method):
+    out = pipeline / method
+    assert main(["student", "--method", method, "--teacher", str(pipeline / "teacher"),
+                 "--teacher-data", str(pipeline / "td.h5"), "--out", str(out), "--steps", "20",
+                 "--batch-size", "16", *TINY_STUDENT]) == 0
+    policy = load_policy(out)
+    teacher = load_policy(pipeline / "teacher")
+    assert torch.equal(policy.action_normalizer.scale, teacher.action_normalizer.scale)
+    card = json.loads((out / "card.json").read_text())
+    assert card["method"] == method and card["parameters"] == policy.num_parameters()
+    if method in ("kdm", "dkoopman"):
+        assert card["ood_threshold"] > 0
+    chunk = policy.predict_action(torch.zeros(1, 2, 20))
+    assert chunk.shape == (1, 16, 7) and torch.isfinite(chunk).all()
+
+
+def test_eval_writes_json_table_and_plot(pipeline):
+    assert main(["student", "--method", "bc", "--teacher", str(pipeline / "teacher"), "--teacher-data",
+                 str(pipeline / "td.h5"), "--out", str(pipeline / "bc_eval"), "--steps", "5", *TINY_STUDENT]) == 0
+    out = pipeline / "eval" / "results.json"
+    assert main(["eval", "--policies", f"{pipeline / 'bc_eval'}", "--teacher", str(pipeline / "teacher"),
+                 "--episodes", "2", "--mmd-obs", "3", "--mmd-draws", "4", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    (name, r), = results.items()
+    for key in ("success_rate", "collision_rate", "left_fraction", "mmd_to_teacher", "latency_ms", "parameters"):
+        assert key in r, key
+    assert r["episodes"] == 2 and 0.0 <= r["success_rate"] <= 1.0
+    assert r["latency_ms"]["p50"] <= r["latency_ms"]["p99"]
+    assert out.with_suffix(".md").read_text().startswith("| policy")
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
+    assert main(["teacher", "--data", str(tmp_path / "missing.h5"), "--out", str(tmp_path / "t")]) == 2
+    assert "missing.h5" in capsys.readouterr().err
+
+
+def test_unknown_config_field_is_refused(pipeline, capsys):
+    assert main(["student", "--method", "kdm", "--teacher", str(pipeline / "teacher"), "--teacher-data",
+                 str(pipeline / "td.h5"), "--out", str(pipeline / "x"), "--set", "width=3"]) == 2
+    assert "FIELD" in capsys.readouterr().err
+
+
+def _student_cmd(pipeline: Path, out: Path, steps: int) -> list[str]:
+    return [sys.executable, "-m", "koopman_distill.cli", "student", "--method", "oneflow", "--teacher",
+            str(pipeline / "teacher"), "--teacher-data", str(pipeline / "td.h5"), "--out", str(out),
+            "--steps", str(steps), "--batch-size", "16", *TINY_STUDENT]
+
+
+def test_resumed_training_equals_uninterrupted(pipeline):
+    steps = 1500
+    full, cut = pipeline / "resume_full", pipeline / "resume_cut"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_student_cmd(pipeline, full, steps), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(_student_cmd(pipeline, cut, steps), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (cut / "train_state.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = json.loads((cut / "train_state.json").read_text())["step"]
+    assert 0 < saved < steps
+    subprocess.run([*_student_cmd(pipeline, cut, steps), "--resume"], check=True, env=env, capture_output=True)
+    a, b = load_policy(full).state_dict(), load_policy(cut).state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_ddp_two_processes_agree(pipeline):
+    out = pipeline / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "koopman_distill.cli", "student", "--method", "dkoopman", "--teacher", str(pipeline / "teacher"),
+           "--teacher-data", str(pipeline / "td.h5"), "--out", str(out), "--steps", "10", "--batch-size", "8",
+           *TINY_STUDENT]
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=600, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-2000:]
+    training = json.loads((out / "card.json").read_text())["training"]
+    assert training["world_size"] == 2
+    assert training["ranks_agree"] is True

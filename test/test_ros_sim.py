@@ -1,0 +1,161 @@
+"""The sim node through its topics: feedback rate, chunk execution, clamping, refusal, hold on timeout,
+episode reset. A probe node on its own DDS participant plays the policy."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import rclpy
+from geometry_msgs.msg import PointStamped
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from sensor_msgs.msg import JointState
+from std_msgs.msg import String, UInt32
+from std_srvs.srv import Trigger
+from trajectory_msgs.msg import JointTrajectory
+
+from koopman_control.nodes.sim_node import SimNode
+from koopman_control.ros import convert, qos
+from koopman_control.ros.base import Spinner
+from koopman_control.testing import ros_context, wait_until
+
+JOINTS = [f"joint_{i}" for i in range(1, 8)]
+
+
+@dataclass
+class Probe:
+    node: Node
+    states: list[tuple[float, JointState]] = field(default_factory=list)
+    targets: list[PointStamped] = field(default_factory=list)
+    episodes: list[int] = field(default_factory=list)
+    results: list[dict] = field(default_factory=list)
+
+    def latest_q(self) -> np.ndarray:
+        return np.array(self.states[-1][1].position)
+
+    def latest_qd(self) -> np.ndarray:
+        return np.array(self.states[-1][1].velocity)
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[tuple[SimNode, Probe, Node]]:
+    ctx_sim, ctx_probe = ros_context(), ros_context()
+    node = SimNode(context=ctx_sim, parameter_overrides=[
+        Parameter("auto_reset", value=False), Parameter("time_limit", value=60.0),
+        Parameter("command_timeout", value=0.3), Parameter("seed", value=5)])
+    spin = Spinner(node.spin_nodes(), ctx_sim)
+    node.start()
+    pn = Node("sim_probe", context=ctx_probe)
+    probe = Probe(pn)
+    pn.create_subscription(JointState, "/joint_states", lambda m: probe.states.append((time.monotonic(), m)),
+                           qos.SENSOR_SUB)
+    pn.create_subscription(PointStamped, "/task/target", probe.targets.append, qos.LATCHED)
+    pn.create_subscription(UInt32, "/task/episode", lambda m: probe.episodes.append(m.data), qos.LATCHED)
+    pn.create_subscription(String, "/task/episode_result", lambda m: probe.results.append(json.loads(m.data)),
+                           qos.EVENTS)
+    pub = pn.create_publisher(JointTrajectory, "/policy/action_chunk", qos.CONTROL)
+    ex = SingleThreadedExecutor(context=ctx_probe)
+    ex.add_node(pn)
+    th = threading.Thread(target=ex.spin, daemon=True)
+    th.start()
+    try:
+        wait_until(lambda: len(probe.states) > 50 and probe.targets and probe.episodes, 15.0,
+                   what="joint states, target and episode from the sim")
+        pn.pub = pub  # type: ignore[attr-defined]
+        yield node, probe, pn
+    finally:
+        ex.shutdown()
+        th.join(2.0)
+        spin.shutdown()
+        node.close()
+        pn.destroy_node()
+        rclpy.shutdown(context=ctx_sim)
+        rclpy.shutdown(context=ctx_probe)
+
+
+def _send(pn: Node, points: np.ndarray, dt: float = 0.1, names: list[str] | None = None) -> None:
+    stamp = time.time_ns()
+    pn.pub.publish(convert.chunk_msg(stamp, names or JOINTS, np.arange(len(points)) * dt, points))
+
+
+def test_feedback_rate_and_task_topics(sim) -> None:
+    node, probe, _ = sim
+    n0, t0 = len(probe.states), time.monotonic()
+    time.sleep(2.0)
+    rate = (len(probe.states) - n0) / (time.monotonic() - t0)
+    assert rate > 400, f"joint_states arrive at {rate:.0f} Hz, expected about 500"
+    m = probe.states[-1][1]
+    assert list(m.name) == JOINTS and len(m.velocity) == 7
+    age_ms = (time.time_ns() - convert.from_time(m.header.stamp)) / 1e6
+    assert -5 < age_ms < 100  # stamped with the system clock at measurement
+    assert probe.targets[-1].header.frame_id == "base_link"
+    assert node.metrics()["feedback"]["rate_hz"] == pytest.approx(500, rel=0.05)
+
+
+def test_chunk_moves_arm_out_of_limit_clamped_nan_refused(sim) -> None:
+    node, probe, pn = sim
+    q0 = probe.latest_q()
+    goal = q0.copy()
+    goal[0] += 0.2
+    _send(pn, np.stack([q0, goal, goal, goal]), dt=0.1)
+    wait_until(lambda: abs(probe.latest_q()[0] - goal[0]) < 0.02, 3.0, what="joint_1 to reach its target")
+    rejected = node.driver.executor.counters.rejected
+    bad = goal.copy()
+    bad[2] = np.nan
+    _send(pn, np.stack([bad, bad]))
+    wait_until(lambda: node.driver.executor.counters.rejected > rejected, 2.0, what="the NaN chunk to be refused")
+    assert "non-finite" in node.driver.executor.counters.last_reject_reason
+    _send(pn, np.stack([goal, goal]), names=[*JOINTS[::-1][:6], "elbow"])  # wrong joint names
+    wait_until(lambda: node.driver.executor.counters.rejected > rejected + 1, 2.0, what="the misnamed chunk")
+    assert "joint names" in node.driver.executor.counters.last_reject_reason
+    far = goal.copy()
+    far[1] = 4.0  # joint_2 limit is 2.24 rad
+    clamped = node.driver.executor.counters.clamped
+    _send(pn, np.stack([far] * 10))
+    wait_until(lambda: node.driver.executor.counters.clamped > clamped, 2.0, what="the chunk to be clamped")
+    time.sleep(0.3)
+    assert probe.latest_q()[1] <= 2.24 + 1e-3 and node.driver.arm.target[1] <= 2.24
+    assert np.isfinite(probe.latest_q()).all()
+
+
+def test_arm_holds_still_after_command_timeout(sim) -> None:
+    node, probe, pn = sim
+    q0 = probe.latest_q()
+    q0[1] = min(q0[1], 1.0)
+    # A 3 s ramp of joint_1; only one chunk is ever sent, so the command timeout (0.3 s) must stop it.
+    ramp = np.repeat(q0[None], 31, axis=0)
+    ramp[:, 0] += np.linspace(0.0, 1.5, 31)
+    timeouts = node.driver.executor.counters.timeouts
+    _send(pn, ramp, dt=0.1)
+    wait_until(lambda: node.driver.executor.counters.timeouts > timeouts, 2.0, what="the command timeout")
+    time.sleep(0.4)  # let the servo settle at the held pose
+    qa = probe.latest_q()
+    time.sleep(0.7)
+    qb = probe.latest_q()
+    assert np.abs(qb - qa).max() < 5e-3, "the arm kept moving after its commands stopped"
+    assert np.abs(probe.latest_qd()).max() < 0.05
+    assert qb[0] - q0[0] < 0.5  # the plan would have taken it 1.5 rad
+    assert node.driver.executor.state.value == "hold"
+
+
+def test_reset_service_starts_new_episode(sim) -> None:
+    node, probe, pn = sim
+    client = pn.create_client(Trigger, "/sim/reset_episode")
+    assert client.wait_for_service(timeout_sec=5.0)
+    n_ep = len(probe.episodes)
+    fut = client.call_async(Trigger.Request())
+    resp = wait_until(lambda: fut.result(), 5.0, what="the reset service")
+    info = json.loads(resp.message)
+    assert resp.success and info["episode"] == node.driver.episode
+    wait_until(lambda: len(probe.episodes) > n_ep and probe.episodes[-1] == info["episode"], 2.0,
+               what="the new episode id")
+    np.testing.assert_allclose([probe.targets[-1].point.x, probe.targets[-1].point.y, probe.targets[-1].point.z],
+                               info["target"])
+    assert node.driver.executor.state.value == "idle"
