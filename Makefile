@@ -8,7 +8,7 @@ PACKAGES := src/koopman_sim src/koopman_policy src/koopman_distill src/koopman_c
 export MUJOCO_GL ?= egl
 export RMW_IMPLEMENTATION ?= rmw_fastrtps_cpp
 
-.PHONY: setup run test lint bench clean-venv
+.PHONY: setup run test lint bench models clean-venv
 
 setup: $(STAMP)
 
@@ -29,7 +29,26 @@ lint: setup
 	$(VENV)/bin/ruff check src test launch
 
 bench: setup
-	$(VENV)/bin/koopman-distill bench --json bench/latency.json
+	$(VENV)/bin/koopman-distill bench --json models/bench_gen3.json
+
+# The whole offline pipeline that produced models/: demonstrations, teacher, teacher trajectories,
+# every student, ONNX export, closed-loop evaluation and the latency benchmark.
+DATA := data
+STUDENTS := kdm dkoopman oneflow cd bc
+KD := $(VENV)/bin/koopman-distill
+models: setup
+	$(VENV)/bin/koopman-sim collect --task gen3_reach_obstacle --episodes 400 --seed 0 \
+		--out $(DATA)/gen3_demos.h5 --json $(DATA)/gen3_demos.json
+	$(KD) teacher --data $(DATA)/gen3_demos.h5 --out models/gen3_teacher --steps 6000
+	$(KD) teacher-data --teacher models/gen3_teacher --data $(DATA)/gen3_demos.h5 \
+		--out $(DATA)/gen3_teacher_data.h5 --steps 10 --draws 2
+	for m in $(STUDENTS); do \
+		$(KD) student --method $$m --teacher models/gen3_teacher --teacher-data $(DATA)/gen3_teacher_data.h5 \
+			--out models/gen3_$$m --steps 8000 || exit 1; done
+	for m in teacher $(STUDENTS); do $(KD) export --checkpoint models/gen3_$$m || exit 1; done
+	$(KD) eval --policies teacher,$(shell echo $(STUDENTS) | tr ' ' ',') --episodes 100 \
+		--json models/eval_gen3.json --update-cards
+	$(KD) bench --json models/bench_gen3.json
 
 clean-venv:
 	rm -rf $(VENV)
