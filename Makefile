@@ -37,6 +37,7 @@ DATA := data
 STUDENTS := kdm dkoopman oneflow cd bc
 KD := $(VENV)/bin/koopman-distill
 models: setup
+	mkdir -p $(DATA)
 	$(VENV)/bin/koopman-sim collect --task gen3_reach_obstacle --episodes 400 --seed 0 \
 		--out $(DATA)/gen3_demos.h5 --json $(DATA)/gen3_demos.json
 	$(KD) teacher --data $(DATA)/gen3_demos.h5 --out models/gen3_teacher --steps 6000
