@@ -9,6 +9,7 @@ import torch
 
 from koopman_policy.checkpoint import CheckpointError, load_policy, save_policy
 from koopman_policy.modeling.koopman import DecomposedOperator, FactorizedDynamicOperator
+from koopman_policy.modeling.layers import SinusoidalEmbedding
 from koopman_policy.normalizer import Normalizer
 from koopman_policy.registry import POLICIES, policy_class
 
@@ -136,3 +137,12 @@ def test_dynamic_operator_gains_depend_on_state_and_spectral_penalty_bites():
 def test_dkoopman_refinement_steps_validated():
     with pytest.raises(ValueError, match="refinement_steps"):
         make("dkoopman", refinement_steps=0)
+
+
+@pytest.mark.parametrize("method", ["oneflow", "cd"])
+def test_progress_embedding_separates_trajectory_steps(method):
+    """Students conditioned on progress s in [0, 1] must tell s = 0 from one DDIM step later (s = 0.1)."""
+    embed = next(m for m in make(method).modules() if isinstance(m, SinusoidalEmbedding))
+    e = embed(torch.tensor([0.0, 0.1, 1.0]))
+    assert (e[0] - e[1]).norm() > 0.3 * e[0].norm()
+    assert (e[1] - e[2]).norm() > 0.3 * e[0].norm()

@@ -20,12 +20,16 @@ def mlp(in_dim: int, hidden: int, out_dim: int, depth: int, act: type[nn.Module]
 
 
 class SinusoidalEmbedding(nn.Module):
-    """Transformer-style embedding of a scalar time; works for integer steps and for t in [0, 1]."""
+    """Transformer-style embedding of a scalar time.
 
-    def __init__(self, dim: int, max_period: float = 10_000.0) -> None:
+    ``scale`` stretches the input first: diffusion steps (0..99) need none, while a progress ``s`` in [0, 1]
+    needs ``scale`` ~ 100, or every frequency sees an angle near zero and all times embed alike.
+    """
+
+    def __init__(self, dim: int, max_period: float = 10_000.0, scale: float = 1.0) -> None:
         super().__init__()
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        freqs = scale * torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
         self.register_buffer("freqs", freqs)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:

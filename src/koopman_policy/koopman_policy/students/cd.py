@@ -30,7 +30,7 @@ class CDConfig(StudentConfig):
 class ConsistencyNet(nn.Module):
     def __init__(self, chunk_dim: int, config: CDConfig) -> None:
         super().__init__()
-        self.time_embed = SinusoidalEmbedding(config.time_embed_dim, max_period=100.0)
+        self.time_embed = SinusoidalEmbedding(config.time_embed_dim, max_period=100.0, scale=100.0)
         in_dim = chunk_dim + config.cond_embed_dim + config.time_embed_dim
         self.net = mlp(in_dim, config.hidden_dim, chunk_dim, config.depth)
 

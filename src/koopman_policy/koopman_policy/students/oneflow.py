@@ -34,7 +34,7 @@ class OneFlowPolicy(OneStepStudent):
 
     def __init__(self, config: OneFlowConfig) -> None:
         super().__init__(config)
-        self.time_embed = SinusoidalEmbedding(config.time_embed_dim, max_period=100.0)
+        self.time_embed = SinusoidalEmbedding(config.time_embed_dim, max_period=100.0, scale=100.0)
         in_dim = self.chunk_dim + config.cond_embed_dim + config.time_embed_dim
         self.velocity = mlp(in_dim, config.hidden_dim, self.chunk_dim, config.depth)
 
