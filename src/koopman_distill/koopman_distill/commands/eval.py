@@ -64,25 +64,35 @@ def markdown_table(results: dict[str, dict]) -> str:
 
 
 def plot_paths(stats: dict[str, RolloutStats], path: Path) -> None:
+    """Top view of every episode's hand path, one panel per policy, on the task's workspace."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(stats), figsize=(3.2 * len(stats), 3.6), squeeze=False, sharey=True)
-    for ax, (name, s) in zip(axes[0], stats.items(), strict=True):
+    cols = min(3, len(stats))
+    rows = -(-len(stats) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, (name, s) in zip(axes.flat, stats.items(), strict=False):
         for p, ok, coll in zip(s.paths, s.successes, s.collisions, strict=True):
             color = "tab:red" if coll else ("tab:green" if ok else "tab:gray")
-            ax.plot(p[:, 0], p[:, 1], color=color, alpha=0.35, lw=0.8)
+            ax.plot(p[:, 0], p[:, 1], color=color, alpha=0.3, lw=0.8)
         for target, pillar in s.scenes[:1]:
             ax.add_patch(plt.Circle(pillar[:2], 0.035, color="black", alpha=0.6))
             ax.plot(*target[:2], marker="*", color="gold", ms=12, mec="black")
         summary = s.summary()
-        ax.set_title(f"{name}\nsuccess {summary['success_rate']:.2f}", fontsize=9)
-        ax.set_xlabel("x (m)")
+        left = summary["left_fraction"]
+        ax.set_title(f"{name}: success {summary['success_rate']:.2f}, collision {summary['collision_rate']:.2f}, "
+                     f"left {'–' if left is None else f'{left:.2f}'}", fontsize=9)
+        ax.set_xlim(0.15, 0.75)
+        ax.set_ylim(-0.25, 0.25)
         ax.set_aspect("equal")
-    axes[0][0].set_ylabel("y (m)")
-    fig.suptitle("End-effector paths, top view (green success, red collision, grey timeout)", fontsize=9)
+        ax.set_xlabel("x (m)")
+        ax.set_ylabel("y (m)")
+    for ax in axes.flat[len(stats):]:
+        ax.axis("off")
+    fig.suptitle("End-effector paths, top view (green success, red collision, grey timeout; pillar and target "
+                 "of the first episode)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,6 +1,8 @@
 """Consistency distillation from the teacher's ODE, one step at inference.
 
-``f(x, s) = x + (1 - s) F(x, s, obs)`` meets the boundary condition ``f(x, 1) = x`` exactly. Adjacent
+``f(x, s) = s x + (1 - s) F(x, s, obs)`` meets the boundary condition ``f(x, 1) = x`` exactly, and at
+``s = 0`` the network gives the chunk itself rather than a correction that must cancel the noise input
+(the form ``x + (1 - s) F`` leaked that noise into the actions). Adjacent
 points of the stored DDIM trajectory are one teacher ODE step apart, so the consistency loss is
 ``d(f(x_k, s_k), f⁻(x_{k+1}, s_{k+1}))`` with ``f⁻`` an EMA copy (rate 0.95, as in consistency models)
 and ``d`` the pseudo-Huber distance used by Consistency Policy. The denoising score-matching term that
@@ -35,7 +37,8 @@ class ConsistencyNet(nn.Module):
         self.net = mlp(in_dim, config.hidden_dim, chunk_dim, config.depth)
 
     def forward(self, x: torch.Tensor, s: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return x + (1.0 - s).unsqueeze(-1) * self.net(torch.cat([x, cond, self.time_embed(s)], dim=-1))
+        s_ = s.unsqueeze(-1)
+        return s_ * x + (1.0 - s_) * self.net(torch.cat([x, cond, self.time_embed(s)], dim=-1))
 
 
 class CDPolicy(OneStepStudent):
