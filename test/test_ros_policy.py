@@ -230,15 +230,15 @@ def test_student_failure_hands_over_to_teacher_within_one_period(running, faulty
     wait_until(lambda: len(probe.chunks) >= n + 3, 2.0, what="teacher chunks in fallback")
     probe.reset_until(side_positive=False)  # healthy again: back to the student after 3 healthy ticks
     wait_until(lambda: probe.modes[-1] == "student", 3.0, what="the return to the student")
-    assert stack["sim"].driver.executor.counters.rejected == 0  # no NaN ever reached the arm
+    # No NaN chunk ever reached the arm (chunks computed before a reset may be refused as outdated).
+    assert "non-finite" not in stack["sim"].driver.executor.counters.reject_reasons
 
 
 def test_closed_loop_episode_with_shipped_student_reaches_target() -> None:
     from koopman_policy.catalog import resolve_policy
 
     entry = resolve_policy(None)
-    if entry.onnx is None or not entry.onnx.is_file():
-        pytest.skip(f"the default student's model file {entry.onnx} does not exist yet (models not shipped)")
+    assert entry.onnx is not None and entry.onnx.is_file(), f"the shipped default student {entry.onnx} is missing"
     ctx = ros_context()
     results: list[dict] = []
     stack = Stack.from_args(StackArgs(), overrides={"sim": {"auto_reset": False, "seed": 0}}, context=ctx)

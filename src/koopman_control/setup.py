@@ -4,12 +4,24 @@ The top-level folders are reached through the symbolic links beside this file, s
 colcon build and a pip install both ship the same files into share/koopman_control.
 """
 
+import os
 from glob import glob
 
 from setuptools import find_packages, setup
 
 NAME = "koopman_control"
-NODES = ["sim_node", "state_ingest_node", "camera_ingest_node", "policy_node", "teacher_node", "kortex_bridge_node"]
+
+
+def _tree(top: str) -> list[tuple[str, list[str]]]:
+    """data_files entries for every file below ``top`` (models are folders; data_files takes files only)."""
+    return [(f"share/{NAME}/{d}", [os.path.join(d, f) for f in sorted(files)])
+            for d, _, files in sorted(os.walk(top)) if files]
+
+
+NODES = [
+    "sim_node", "state_ingest_node", "camera_ingest_node", "policy_node", "teacher_node", "kortex_bridge_node",
+    "bag_player_node",
+]
 
 setup(
     name=NAME,
@@ -20,9 +32,9 @@ setup(
         (f"share/{NAME}", ["package.xml"]),
         (f"share/{NAME}/launch", glob("launch/*.launch.py")),
         (f"share/{NAME}/config", glob("config/*.yaml")),
-        (f"share/{NAME}/models", glob("models/*")),
+        *_tree("models"),
     ],
-    install_requires=["setuptools", "koopman_policy", "koopman_sim", "pyyaml", "numpy"],
+    install_requires=["setuptools", "koopman_policy", "koopman_sim", "pyyaml", "numpy", "rosbags"],
     zip_safe=True,
     description="ROS 2 nodes for one-step diffusion-distilled control of a Kinova Gen3.",
     license="Apache-2.0",

@@ -68,6 +68,7 @@ def _stack_args(ns: argparse.Namespace) -> Any:
 
 def _start(ns: argparse.Namespace, extra: dict[str, dict[str, Any]] | None = None) -> Any:
     from koopman_control.bringup import Stack
+    from koopman_control.ros.base import set_realtime_priority, stop_signals_to_main_thread
     from koopman_control.stack import build_stack
 
     overrides = _overrides(ns.param)
@@ -75,12 +76,22 @@ def _start(ns: argparse.Namespace, extra: dict[str, dict[str, Any]] | None = Non
         for k, v in params.items():
             overrides.setdefault(node, {}).setdefault(k, v)
     specs = build_stack(_stack_args(ns), overrides=overrides)
-    stack = Stack(specs, domain_id=ns.domain_id)
-    pol = stack.nodes.get("policy")
-    if pol is not None and pol.runner is None:
-        stack.close()
-        raise SystemExit(f"error: no policy to run: {pol.load_error}")
-    return stack
+    stack = None
+    try:  # a Ctrl-C held back during start-up is delivered when the block ends: the stack must close then too
+        with stop_signals_to_main_thread():
+            stack = Stack(specs, domain_id=ns.domain_id)
+        if stack.base_priority:
+            # This thread only polls, but it takes the GIL to do so: preempted by another process while
+            # holding it, it would stall the stack's real-time threads (see Stack.base_priority).
+            set_realtime_priority(stack.base_priority)
+        pol = stack.nodes.get("policy")
+        if pol is not None and pol.runner is None:
+            raise SystemExit(f"error: no policy to run: {pol.load_error}")
+        return stack
+    except BaseException:
+        if stack is not None:
+            stack.close()
+        raise
 
 
 def _fmt(v: Any, spec: str, unit: str = "") -> str:
@@ -118,6 +129,18 @@ def _write_json(path: str | None, data: dict[str, Any]) -> None:
     print(f"wrote {out}")
 
 
+def _shutdown(stack: Any) -> dict[str, Any]:
+    """Final metrics, then close; a second Ctrl-C (impatient user, or `timeout` signalling the child and its
+    process group) must not cut this short: daemon executor threads still inside rclpy when the interpreter
+    exits abort the process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        return stack.metrics()
+    finally:
+        stack.close()
+
+
 def _sigterm(*_: Any) -> None:
     raise _Stop()
 
@@ -147,8 +170,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
         print(f"\nerror: {err}", file=sys.stderr)
         code = 1
     finally:
-        summary = stack.metrics()
-        stack.close()
+        summary = _shutdown(stack)
     if tty:
         print()
     lat = summary["latency_ms"]
@@ -173,8 +195,7 @@ def cmd_bringup(ns: argparse.Namespace, bench: bool = False) -> int:
         print(f"error: {err}", file=sys.stderr)
         code = 1
     finally:
-        m = stack.metrics()
-        stack.close()
+        m = _shutdown(stack)
     m = {"duration_s": round(time.monotonic() - t0 - ns.warmup, 3), "warmup_s": ns.warmup,
          "policy_rate_hz": float(ns.policy_rate) if ns.policy_rate else None, **m}
     if bench:

@@ -10,6 +10,12 @@ a subscriber on the same machine sees them; ``/task/episode`` has no header stam
 order all four topics share. At equal log times target/pillar come first, then the episode id, then joint
 states, as the ingest's executor serves them. Staleness is judged against each sample's own stamp ("received on
 time"): the age the live ingest saw is a property of that run's transport, not of the recorded data.
+
+Limits: the live ingest anchors its tick grid on the first sample it ever saw. The rebuild re-anchors on a
+recorded tick (:func:`default_anchor`), which fixes the grid to within one feedback period; where the live grid
+point fell between two samples a rebuilt tick can land one sample (2 ms at 500 Hz) away from the live one. A
+stale-input fault or a sample the live ingest lost is not visible in the recorded stamps either. Replays
+therefore use the recorded ``/policy/observation`` when it exists and report how well the rebuild agrees.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from std_msgs.msg import UInt32
 from trajectory_msgs.msg import JointTrajectory
 
 from koopman_control.core.observation import InputStatus, StateObservationBuilder
+from koopman_control.core.stats import SampleStats
 from koopman_control.ros import convert, qos
 from koopman_control.ros.base import ERROR, OK, WARN, KoopmanNode, ParameterError, run_node
 
@@ -62,7 +63,12 @@ class StateIngestNode(KoopmanNode):
         self.create_subscription(JointState, "/joint_states", self._on_joint_state, qos.SENSOR_SUB)
         self.create_timer(1.0 / p["watchdog_rate"], self._watchdog)
         self._last_reported = InputStatus.WAITING
+        self.sample_age = SampleStats()  # ms, tick sample's stamp -> received here (the sensor's hop)
+        self.publish_delay = SampleStats()  # ms, tick sample's stamp -> observation published
         self.start_diagnostics()
+
+    def control_path(self) -> list:
+        return [self]
 
     def _now(self) -> int:
         return self.get_clock().now().nanoseconds
@@ -77,10 +83,13 @@ class StateIngestNode(KoopmanNode):
         self.builder.set_episode(int(msg.data))
 
     def _on_joint_state(self, msg: JointState) -> None:
+        now = self._now()
         obs = self.builder.on_joint_state(msg.name, msg.position, msg.velocity, convert.from_time(msg.header.stamp),
-                                          self._now())
+                                          now)
         if obs is not None:
             self.obs_pub.publish(convert.observation_msg(obs, self.obs_names, frame_id=f"episode_{obs.episode}"))
+            self.sample_age.add((now - obs.stamp_ns) / 1e6)
+            self.publish_delay.add((self._now() - obs.stamp_ns) / 1e6)
         self._report()
 
     def _watchdog(self) -> None:
@@ -99,12 +108,20 @@ class StateIngestNode(KoopmanNode):
     def metrics(self) -> dict[str, Any]:
         b = self.builder
         return {"emitted": b.emitted, "faults": b.faults, "missed_ticks": b.missed_ticks, "dropped": b.dropped,
-                "history_gaps": b.history.gaps, "status": b.status.value, "reason": b.reason}
+                "history_gaps": b.history.gaps, "status": b.status.value, "reason": b.reason,
+                "sample_age_ms": self.sample_age.summary(), "publish_delay_ms": self.publish_delay.summary()}
+
+    def reset_stats(self) -> None:
+        self.sample_age.reset()
+        self.publish_delay.reset()
 
     def diagnostics(self) -> list[tuple[str, int, str, dict[str, Any]]]:
         b = self.builder
         level = {InputStatus.OK: OK, InputStatus.WAITING: WARN}.get(b.status, ERROR)
-        return [("", level, b.reason, {"status": b.status.value, **self.metrics(), "episode": b.episode})]
+        m = self.metrics()
+        age, pub = m.pop("sample_age_ms"), m.pop("publish_delay_ms")
+        return [("", level, b.reason, {**m, "episode": b.episode, "sample_age_p50_ms": age["p50"],
+                                       "publish_delay_p99_ms": pub["p99"]})]
 
 
 def main(args: list[str] | None = None) -> int:

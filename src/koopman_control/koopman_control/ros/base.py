@@ -8,12 +8,14 @@ in p50 0.5 ms / p99 2.3 ms; the stack's latency budget (p99 5 ms) rules the form
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import rclpy
@@ -30,6 +32,26 @@ OK, WARN, ERROR, STALE = (DiagnosticStatus.OK, DiagnosticStatus.WARN, Diagnostic
                           DiagnosticStatus.STALE)
 # The GIL hands over every 5 ms by default: a 500 Hz loop waiting on a busy thread would miss its period.
 SWITCH_INTERVAL_S = 0.0005
+
+
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def stop_signals_to_main_thread() -> Iterator[None]:
+    """Block SIGINT/SIGTERM while the ROS context, the nodes and their threads are created, so that every
+    thread started meanwhile (Python's, and the native ones of the DDS and ONNX Runtime) inherits the
+    blocked mask; unblock in the calling (main) thread afterwards. Ctrl-C then always lands in the main
+    thread, where Python turns it into a clean shutdown, instead of interrupting a DDS thread's system call,
+    which intermittently aborted the process on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def set_realtime_priority(priority: int) -> str | None:
@@ -169,6 +191,10 @@ class KoopmanNode(Node):
         """Nodes to give an executor each (this one plus companions)."""
         return [self, *self.companions]
 
+    def control_path(self) -> list[Node]:
+        """The node(s) on the observation -> chunk path; in one process they share an executor thread."""
+        return []
+
     def thread_priorities(self) -> dict[str, int]:
         """SCHED_FIFO priority per spun node name (the control path only; parameter services stay normal)."""
         nodes = self.companions or [self]
@@ -193,20 +219,24 @@ def _fmt(v: Any) -> str:
 class Spinner:
     """One SingleThreadedExecutor per node, each on a daemon thread."""
 
-    def __init__(self, nodes: Iterable[Node], context: Context | None = None,
+    def __init__(self, nodes: Iterable[Node | Sequence[Node]], context: Context | None = None,
                  priorities: dict[str, int] | None = None) -> None:
-        """``priorities``: node name -> SCHED_FIFO priority of its executor thread (absent/0: normal)."""
+        """``nodes``: a node, or a group of nodes sharing one executor thread. ``priorities``: node name ->
+        SCHED_FIFO priority (a group's thread takes its members' highest; absent/0: normal)."""
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.executors: list[SingleThreadedExecutor] = []
         self.threads: list[threading.Thread] = []
         self.errors: list[BaseException] = []
-        for node in nodes:
+        self._stop = threading.Event()
+        for item in nodes:
+            group = list(item) if isinstance(item, Sequence) else [item]
             ex = SingleThreadedExecutor(context=context)
-            ex.add_node(node)
+            for node in group:
+                ex.add_node(node)
             self.executors.append(ex)
-            prio = (priorities or {}).get(node.get_name(), 0)
-            th = threading.Thread(target=self._spin, args=(ex, node, prio), name=f"spin-{node.get_name()}",
-                                  daemon=True)
+            prio = max((priorities or {}).get(n.get_name(), 0) for n in group)
+            name = "+".join(n.get_name() for n in group)
+            th = threading.Thread(target=self._spin, args=(ex, group[0], prio), name=f"spin-{name}", daemon=True)
             self.threads.append(th)
         for th in self.threads:
             th.start()
@@ -216,31 +246,40 @@ class Spinner:
         if problem:
             node.get_logger().warning(f"executor thread runs at normal priority: {problem}")
         try:
-            ex.spin()
+            # spin() is this same loop; owning it lets shutdown() stop the thread before the executor is torn
+            # down. (Executor.shutdown() while another thread is inside spin() races with that thread's wait
+            # and intermittently crashed the process on Ctrl-C.)
+            while not self._stop.is_set() and ex.context.ok():
+                ex.spin_once(timeout_sec=0.5)
         except (ExternalShutdownException, KeyboardInterrupt):
             pass
         except BaseException as err:  # surfaced by the owner (bringup prints it, tests assert on it)
-            if ex.context.ok():
+            if ex.context.ok() and not self._stop.is_set():
                 self.errors.append(err)
 
     def shutdown(self, timeout: float = 2.0) -> None:
+        """Stop the spinning threads, then the executors (no executor is torn down while it waits)."""
+        self._stop.set()
         for ex in self.executors:
-            ex.shutdown(timeout_sec=timeout)
+            ex.wake()
         for th in self.threads:
             th.join(timeout)
+        for ex in self.executors:
+            ex.shutdown(timeout_sec=timeout)
 
 
 def run_node(factory: Callable[[], KoopmanNode], args: Sequence[str] | None = None) -> int:
     """``main()`` of a node executable (what ``ros2 run`` / ``ros2 launch`` start): spin until Ctrl-C."""
-    rclpy.init(args=list(args) if args is not None else None)
     node: KoopmanNode | None = None
     spinner: Spinner | None = None
     code = 0
     try:
-        node = factory()
-        settle_heap()
-        spinner = Spinner(node.spin_nodes(), node.context, node.thread_priorities())
-        node.start()
+        with stop_signals_to_main_thread():
+            rclpy.init(args=list(args) if args is not None else None)
+            node = factory()
+            settle_heap()
+            spinner = Spinner(node.spin_nodes(), node.context, node.thread_priorities())
+            node.start()
         stop = threading.Event()
         while rclpy.ok() and not stop.wait(0.2):
             if spinner.errors:
@@ -251,6 +290,11 @@ def run_node(factory: Callable[[], KoopmanNode], args: Sequence[str] | None = No
         print(f"error: {err}", file=sys.stderr)
         code = 2
     finally:
+        # A second SIGINT/SIGTERM (launch escalates) must not cut the shutdown short: daemon executor threads
+        # left inside rclpy when the interpreter exits abort the process.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if spinner is not None:
             spinner.shutdown()
         if node is not None:
