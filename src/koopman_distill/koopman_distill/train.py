@@ -173,6 +173,7 @@ def train(
     extra: dict[str, bool] = {}
     if world > 1:
         extra["ranks_agree"] = _ranks_agree(policy)
+        del model  # DDP's reducer holds the process group: destroying the group under it hangs at exit
         dist.destroy_process_group()
     metrics = {
         "final_loss": sum(tail) / len(tail),

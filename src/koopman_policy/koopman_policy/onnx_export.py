@@ -371,13 +371,16 @@ def export_checkpoint(
 ) -> ExportResult:
     """Export a checkpoint directory (``policy.onnx``; the teacher also ``denoiser.onnx``) and check parity.
 
-    ``weights_sha256`` is the sha256 of the directory's ``model.safetensors``, the commit comes from the
-    checkpoint's provenance. ``parity_samples = 0`` skips the parity check.
+    ``weights_sha256`` is the sha256 of the directory's ``model.safetensors``, the commit and (unless given)
+    the OOD threshold come from the checkpoint's provenance. ``parity_samples = 0`` skips the parity check.
     """
     directory = Path(directory)
     policy = load_policy(directory)
-    extra = {"training_commit": _commit(load_extra(directory)), **(metadata_extra or {})}
+    provenance = load_extra(directory)
+    extra = {"training_commit": _commit(provenance), **(metadata_extra or {})}
     extra["weights_sha256"] = file_sha256(directory / WEIGHTS)
+    if ood_threshold is None:
+        ood_threshold = provenance.get("ood_threshold")  # calibrated by `koopman-distill student`
     if ood_threshold is not None:
         extra["ood_threshold"] = float(ood_threshold)
     out = Path(out) if out is not None else directory / "policy.onnx"

@@ -9,6 +9,15 @@ A control tick is the arrival of an observation (the ingest emits them at the po
 own sample stamps); latency is chunk publication minus observation stamp, and a tick counts as missed when
 no chunk for it was published within one period, or when no observation arrived for it.
 
+Receding horizon, as the policies were trained and evaluated: a new plan is made every ``execute_steps``
+ticks (0 = the model's ``n_action_steps``), at every new episode and on every change of mode; in between,
+each tick republishes the current plan from the present step on, stamped with the present observation, so
+the arm's watchdog sees a fresh command every period. The student is judged (exception, NaN, limits,
+deadline, OOD) on each plan it makes. Taking a fresh plan every tick
+(``execute_steps: 1``) closes the loop through the first step of each chunk, which these one-step students
+were not trained for (measured in the gym task with dkoopman: 10 of 10 episodes collided, against 10 of 10
+successes with 8 executed steps).
+
 Parameter ``policy`` (catalogue name or path) can be set at run time: the new model is loaded and probed on
 the current observation in the parameter callback, on the node's own executor thread, and only a model that
 passes is handed to the control thread, which swaps it in at the start of its next tick. The control path
@@ -89,6 +98,8 @@ class PolicyNode(KoopmanNode):
                                                           "TensorRT, CUDA, CPU: the first that works)")
         self.declare("teacher_steps", 10, "DDIM steps when a teacher is served from its denoiser")
         self.declare("history_steps", 2, "observation history the ingest provides (n_obs_steps)")
+        self.declare("execute_steps", 0, "ticks a plan is followed before the next replaces it (0 = the model's "
+                                         "n_action_steps, 1 = a new plan every tick)")
         self.realtime_priority = self.declare("realtime_priority", 0, "SCHED_FIFO priority of the control "
                                                                       "thread (0 = normal)", read_only=True)
         self.declare("observation_topic", "/policy/observation", "observation input", read_only=True)
@@ -123,6 +134,9 @@ class PolicyNode(KoopmanNode):
         self._last_rx: float | None = None
         self._prev_served = True
         self._last_pub_stamp = -1
+        self._plan: np.ndarray | None = None  # the chunk being followed, its age in ticks, its episode and mode
+        self._plan_age = 0
+        self._plan_key: tuple[int, Mode] | None = None
         self._teacher_latest: JointTrajectory | None = None
 
         try:
@@ -217,6 +231,7 @@ class PolicyNode(KoopmanNode):
             runner, self._pending = self._pending, None
         if runner is not None:
             self.runner = runner
+            self._plan = None  # the new policy plans from this tick on
             self.load_error = ""
             self.swaps += 1
             self.supervisor.select(runner.is_teacher, self._now())
@@ -264,6 +279,8 @@ class PolicyNode(KoopmanNode):
         if runner is None:
             return
         runner.new_episode(episode)
+        if self._continue_plan(episode, runner, stamp):
+            return
         res = runner.step(hist, names, budget_s=self.deadline_ns() / NS)
         self.compute.add(res.compute_s * 1e3)
         self.last_ood = res.ood_score
@@ -277,14 +294,31 @@ class PolicyNode(KoopmanNode):
         serve = mode is Mode.STUDENT or (mode is Mode.TEACHER and res.chunk is not None
                                          and res.health.kind in ("ok", "deadline", "ood"))
         if serve and res.chunk is not None:
-            m = runner.meta
-            offsets, points = published_points(res.chunk, m.n_obs_steps, m.control_dt)
-            out = convert.chunk_msg(stamp, m.action_names, offsets, points.astype(np.float64))
-            self._publish_chunk(out, stamp, self.student_latency if mode is Mode.STUDENT else self.teacher_latency)
+            self._plan, self._plan_age, self._plan_key = res.chunk, 0, (episode, mode)
+            self._publish_plan(runner, stamp)
         elif mode is Mode.FALLBACK:
             t = self._teacher_latest
             if t is not None and convert.from_time(t.header.stamp) == stamp:
                 self._forward_teacher(t)
+
+    def _continue_plan(self, episode: int, runner: PolicyRunner, stamp: int) -> bool:
+        """Follow the current plan this tick (True), or let the caller make a new one (False)."""
+        steps = self.param("execute_steps") or runner.meta.n_action_steps
+        mode = self.supervisor.mode
+        if (self._plan is None or self._plan_key != (episode, mode) or mode is Mode.FALLBACK
+                or self._plan_age + 1 >= steps):
+            return False
+        self._plan_age += 1
+        self._publish_plan(runner, stamp)
+        return True
+
+    def _publish_plan(self, runner: PolicyRunner, stamp: int) -> None:
+        """The current plan from the present step on, stamped with the present observation."""
+        m = runner.meta
+        offsets, points = published_points(self._plan[self._plan_age:], m.n_obs_steps, m.control_dt)
+        out = convert.chunk_msg(stamp, m.action_names, offsets, points.astype(np.float64))
+        student = self.supervisor.mode is Mode.STUDENT
+        self._publish_chunk(out, stamp, self.student_latency if student else self.teacher_latency)
 
     def _on_teacher_chunk(self, msg: JointTrajectory) -> None:
         self._teacher_latest = msg

@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 
 from koopman_distill.cli import UserError
-from koopman_policy.checkpoint import CONFIG, WEIGHTS
+from koopman_policy.checkpoint import CONFIG, WEIGHTS, read_config
 from koopman_policy.onnx_export import DEFAULT_TEACHER_STEPS, OPSET, PARITY_TOL, ExportResult, export_checkpoint
+from koopman_sim import gen3
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,6 +50,20 @@ def _record_in_card(directory: Path, result: ExportResult) -> None:
     card_path.write_text(json.dumps(card, indent=2) + "\n")
 
 
+def robot_limits(directory: Path) -> dict[str, list[float]]:
+    """The Gen3's joint limits as the action limits, when the policy commands the Gen3's joints.
+
+    The controller refuses chunks outside the file's action limits. Without the robot's limits they
+    default to the range seen in training, which a sound chunk can leave by a little (measured: a dkoopman
+    chunk with joint_2 at 0.378 rad against the demonstrations' minimum of 0.395 sent the controller into
+    its fallback).
+    """
+    names = read_config(directory)["config"].get("action_names") or []
+    if list(names) != list(gen3.JOINT_NAMES):
+        return {}
+    return {"action_limit_low": gen3.JOINT_LOWER.tolist(), "action_limit_high": gen3.JOINT_UPPER.tolist()}
+
+
 def run(args: argparse.Namespace) -> int:
     directory: Path = args.checkpoint
     for name in (CONFIG, WEIGHTS):
@@ -59,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     if args.parity_samples < 0 or args.teacher_steps < 1:
         raise UserError("--parity-samples must be >= 0 and --teacher-steps >= 1")
     result = export_checkpoint(directory, args.out, ood_threshold=args.ood_threshold,
-                               parity_samples=args.parity_samples, teacher_steps=args.teacher_steps)
+                               metadata_extra=robot_limits(directory), parity_samples=args.parity_samples,
+                               teacher_steps=args.teacher_steps)
     _record_in_card(directory, result)
     ok = True
     rows = [(result.policy_path, result.policy_sha256, result.parity)]
