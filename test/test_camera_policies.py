@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -297,3 +299,40 @@ def test_bench_times_image_policies(tmp_path):
         assert (r["method"], r["inputs"], r["image_size"], r["calls"]) == (method, "image", [SIZE, SIZE], 20)
         assert 0 < r["p50_ms"] <= r["p99_ms"] and "speedup_vs_teacher_ddpm100" not in r
     assert data["gen3_camera_teacher"]["sampler"] == "ddim"
+
+
+def test_auxiliary_read_out_trains_the_encoder_and_stays_out_of_the_graph(tmp_path):
+    """The training-only head reads target/pillar off the keypoints; the exported graph never contains it."""
+    torch.manual_seed(0)
+    cfg = ImageDKoopmanPolicy.config_class(**TINY_STUDENT, aux_names=["target_x", "target_z"], aux_loss_weight=2.0)
+    policy = ImageDKoopmanPolicy(cfg)
+    policy.fit_normalizers(torch.randn(64, 2, 14), torch.rand(64, 16, 7) * 2 - 1)
+    policy.fit_aux(torch.rand(64, 2, 2))
+    batch = loss_batch("dkoopman_image", observation(8))
+    with pytest.raises(ValueError, match=r"need batch\['aux'\]"):
+        policy.compute_loss(batch)
+    aux = torch.rand(8, 2, 2)
+    torch.manual_seed(1)
+    with_aux = policy.compute_loss({**batch, "aux": aux})
+    twin = ImageDKoopmanPolicy(dataclasses.replace(cfg, aux_loss_weight=0.0))
+    twin.load_state_dict(policy.state_dict())
+    torch.manual_seed(1)
+    plain = twin.compute_loss(batch)  # no aux needed without weight
+    read = policy.aux_head(policy._features)  # the features of the with-aux call above
+    expected = 2.0 * torch.nn.functional.mse_loss(read, policy.aux_normalizer.normalize(aux))
+    torch.testing.assert_close(with_aux - plain, expected, atol=1e-5, rtol=1e-4)
+    assert policy.read_aux(observation(3)).shape == (3, 2, 2)
+    with_aux.backward()
+    assert policy.aux_head.weight.grad.abs().sum() > 0
+    save_policy(policy.eval(), tmp_path / "aux")
+    loaded = load_policy(tmp_path / "aux")
+    torch.testing.assert_close(loaded.read_aux(observation(3)), policy.read_aux(observation(3)))
+    path = export_policy(loaded, tmp_path / "aux" / "policy.onnx")
+    import onnx
+
+    weights = {init.name for init in onnx.load(str(path)).graph.initializer}
+    assert not any("aux_head" in name for name in weights)
+    assert check_parity(loaded, path, samples=16).worst <= 1e-4
+    student = ImageDKoopmanPolicy(cfg)
+    student.init_vision_from(policy)
+    torch.testing.assert_close(student.aux_head.weight, policy.aux_head.weight)

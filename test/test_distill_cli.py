@@ -67,7 +67,7 @@ def test_eval_writes_json_table_and_plot(pipeline):
     assert main(["eval", "--policies", f"{pipeline / 'bc_eval'}", "--teacher", str(pipeline / "teacher"),
                  "--episodes", "2", "--mmd-obs", "3", "--mmd-draws", "4", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
-    (name, r), = results.items()
+    ((_, r),) = results.items()
     for key in ("success_rate", "collision_rate", "left_fraction", "mmd_to_teacher", "latency_ms", "parameters"):
         assert key in r, key
     assert r["episodes"] == 2 and 0.0 <= r["success_rate"] <= 1.0

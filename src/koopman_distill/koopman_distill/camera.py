@@ -28,11 +28,14 @@ from tqdm import tqdm
 
 from koopman_distill.data import episode_windows, file_sha256, write_teacher_data
 from koopman_distill.evaluate import RolloutStats
-from koopman_policy.vision import IMAGE_KEY, STATE_KEY, ImageConditioned, ImageDiffusionPolicy
+from koopman_policy.vision import AUX_KEY, IMAGE_KEY, STATE_KEY, ImageConditioned, ImageDiffusionPolicy
 
 DEFAULT_CAMERA = "workspace"
 DEFAULT_SIZE = 64
 STATE_PREFIXES = ("q_", "qd_")
+#: Training-only read-out targets for the image encoder (see ``koopman_policy.vision.VisionFields``): what the
+#: camera must reveal, since the policy is not given it. The pillar's height is fixed by the task.
+AUX_NAMES = ("target_x", "target_y", "target_z", "pillar_x", "pillar_y")
 
 
 def state_columns(obs_names: tuple[str, ...] | list[str]) -> list[int]:
@@ -124,15 +127,16 @@ def collect_camera(task: str, episodes: int, out: str | Path, seed: int = 0, cam
 
 # -- training windows -----------------------------------------------------------------------------------------
 class FrameWindows:
-    """Image windows ``(N, To, H, W, 3)`` uint8 that gather rows of one frame store on indexing.
+    """Windows ``(N, To, ...)`` that gather rows of one per-frame store on indexing: image windows from
+    ``(frames, H, W, 3)`` uint8, or keypoint windows from ``(frames, 2K)`` precomputed features.
 
     Quacks like a tensor where the training loop needs it (``len``, ``windows[idx]``), so image batches
     flow through ``koopman_distill.train.train`` unchanged.
     """
 
     def __init__(self, frames: torch.Tensor, index: torch.Tensor) -> None:
-        if frames.dim() != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
-            raise ValueError(f"frames must be (N, H, W, 3) uint8, got {tuple(frames.shape)} {frames.dtype}")
+        if frames.dim() < 2:
+            raise ValueError(f"the frame store must have one row per frame, got shape {tuple(frames.shape)}")
         if index.dim() != 2 or (len(index) and (int(index.min()) < 0 or int(index.max()) >= len(frames))):
             raise ValueError(f"frame index must be (N, To) with rows of the {len(frames)} frames")
         self.frames, self.index = frames, index.long()
@@ -163,7 +167,8 @@ def frame_index_windows(episode_ends: np.ndarray, n_obs_steps: int) -> np.ndarra
 class CameraDemos:
     """Demonstrations as image-policy training tensors, with what the policy configs need from the file."""
 
-    tensors: dict[str, Any]  # image (FrameWindows), state (N, To, S), action (N, H, Da)
+    tensors: dict[str, Any]  # image (FrameWindows), state (N, To, S), action (N, H, Da)[, aux (N, To, A)]
+    aux_table: torch.Tensor | None  # (frames, A): the aux values of every frame, for other frame indices
     state_names: list[str]
     action_names: list[str]
     control_dt: float
@@ -173,7 +178,9 @@ class CameraDemos:
     episodes: int
 
 
-def load_camera_demos(path: str | Path, horizon: int, n_obs_steps: int) -> CameraDemos:
+def load_camera_demos(path: str | Path, horizon: int, n_obs_steps: int,
+                      aux_names: tuple[str, ...] | list[str] = ()) -> CameraDemos:
+    """Training windows of a camera dataset; with ``aux_names`` also those observation columns per frame."""
     from koopman_sim.dataset import load_dataset
 
     demos = load_dataset(path)
@@ -185,8 +192,16 @@ def load_camera_demos(path: str | Path, horizon: int, n_obs_steps: int) -> Camer
     windows = episode_windows(demos.obs[:, cols], demos.action, demos.episode_ends, horizon, n_obs_steps)
     index = torch.from_numpy(frame_index_windows(demos.episode_ends, n_obs_steps))
     frames = torch.from_numpy(np.ascontiguousarray(demos.images))
+    tensors = {IMAGE_KEY: FrameWindows(frames, index), STATE_KEY: windows["obs"], "action": windows["action"]}
+    aux_table = None
+    if aux_names:
+        missing = [n for n in aux_names if n not in demos.obs_names]
+        if missing:
+            raise ValueError(f"{path}: no observation columns {missing} for the auxiliary loss")
+        aux_table = torch.from_numpy(demos.obs[:, [demos.obs_names.index(n) for n in aux_names]].copy())
+        tensors[AUX_KEY] = aux_table[index]
     return CameraDemos(
-        tensors={IMAGE_KEY: FrameWindows(frames, index), STATE_KEY: windows["obs"], "action": windows["action"]},
+        tensors=tensors, aux_table=aux_table,
         state_names=[demos.obs_names[i] for i in cols], action_names=list(demos.action_names),
         control_dt=float(demos.control_dt), camera=camera, image_size=tuple(demos.images.shape[1:3]),
         sha256=demos.sha256, episodes=demos.n_episodes,
