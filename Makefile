@@ -23,6 +23,7 @@ run: setup
 	$(VENV)/bin/koopman-control run
 
 test: setup
+	$(VENV)/bin/ruff check src test launch
 	$(PY) -m pytest test
 
 lint: setup

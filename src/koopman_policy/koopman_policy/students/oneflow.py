@@ -6,7 +6,8 @@ from a point ``x_s`` to the trajectory's end, so that one Euler step ``x_s + (1 
 teacher's chunk. It is parametrised through the end point, ``x_s + (1 - s) u = s x_s + (1 - s) F(x_s, s, obs)``
 (``u = F - x_s``): a plain MLP asked for ``u`` directly must cancel the noise it is given to the last digit,
 and what it fails to cancel leaks into the actions as jitter (measured on the Gen3 task: chunk MSE to the
-teacher 0.025 in normalised units and collisions in almost every episode, against 0.0006 in this form). The flow-matching loss is the velocity error scaled by the remaining time,
+teacher 0.025 in normalised units and collisions in almost every episode, against 0.0006 in this form).
+The flow-matching loss is the velocity error scaled by the remaining time,
 ``|(1 - s)(u - u*)|²``, at every stored intermediate point of the same trajectories (score alignment along
 the path, not only at its ends); the auxiliary terminal action loss is the step taken from the noise itself,
 ``|x_T + u(x_T, 0) - x_0|²``, the query made at inference. Different noises follow different teacher paths,
