@@ -113,6 +113,9 @@ def ingest_closed_loop(path: Path, seed: int, max_ticks: int = 100) -> tuple[dic
     The ingest cores are fed with the simulation clock (one frame and one joint state per 100 ms tick) and keep
     the histories current every tick; the policy plans from them every ``n_action_steps`` ticks and its chunk is
     executed in between, with one noise draw per episode: the protocol of ``koopman-distill camera-eval``.
+    (Replanning at every tick instead makes these chunk policies run away: in the gym env, 12 episodes each,
+    1 executed step per plan gave 0 successes and 12 collisions for this student and for the state dkoopman
+    student alike, 4 steps 8/12 and 8 steps 9/12.)
     """
     policy = OnnxImagePolicy(path, providers=["CPUExecutionProvider"])
     m = policy.metadata
@@ -156,9 +159,9 @@ SHIPPED = REPO / "models" / "gen3_camera_dkoopman" / "policy.onnx"
 
 
 @pytest.mark.skipif(not SHIPPED.is_file(), reason="the camera student is not shipped in models/")
-@pytest.mark.xfail(strict=False, reason="known gap: the camera student succeeds in 0.72 of gym episodes, but this "
-                   "path replans on every tick, which these chunk policies do not survive reliably")
 def test_shipped_camera_student_reaches_targets_through_the_ingest_core():
-    """The shipped student, fed only frames and joint states by the ingest core, succeeds on held-out seeds."""
-    outcomes = [ingest_closed_loop(SHIPPED, seed=5000 + i)[0] for i in range(4)]
-    assert sum(o["success"] for o in outcomes) >= 2, outcomes
+    """The shipped student, fed only frames and joint states by the ingest cores, reaches the target on held-out
+    seeds about as often as in ``camera-eval`` (0.72 over 50 episodes; 7 of these 10 when shipped)."""
+    outcomes = [ingest_closed_loop(SHIPPED, seed=5000 + i)[0] for i in range(10)]
+    assert sum(o["success"] for o in outcomes) >= 5, outcomes
+    assert sum(o["collision"] for o in outcomes) <= 3, outcomes

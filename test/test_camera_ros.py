@@ -6,6 +6,11 @@ The policy node does not consume ``/policy/image_observation`` yet, so a small b
 part for an image policy: it pairs each state observation with the newest image observation, runs
 :class:`OnnxImagePolicy` (noise drawn once per episode) and publishes the chunk as the policy node does.
 Target and pillar reach the policy only through the camera.
+
+It plans every ``n_action_steps`` ticks and the sim executes each chunk (zero-order hold, as the task applies
+actions; ``command_timeout`` longer than a chunk's executed part): the protocol the students are evaluated
+with. Replanning at every tick makes these chunk policies run away (see ``test_camera_pipeline``); over DDS
+with per-tick replanning the camera student collided in 3 of 3 episodes.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +40,7 @@ from koopman_policy.onnx_image_policy import OnnxImagePolicy
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "gen3_camera_dkoopman" / "policy.onnx"
+EPISODES = 6
 
 pytestmark = [
     pytest.mark.slow,
@@ -44,9 +51,10 @@ pytestmark = [
 
 
 class ImagePolicyBridge:
-    """State observation + newest image observation -> OnnxImagePolicy -> action chunk (one per tick)."""
+    """State observation + newest image observation -> OnnxImagePolicy -> action chunk every ``replan_every``
+    ticks."""
 
-    def __init__(self, ctx, path: Path, max_pair_gap_s: float = 0.15) -> None:
+    def __init__(self, ctx, path: Path, max_pair_gap_s: float = 0.15, replan_every: int = 1) -> None:
         self.policy = OnnxImagePolicy(path, providers=["CPUExecutionProvider"])  # as the policy node serves
         self.node = Node("camera_policy_bridge", context=ctx)
         self.pub = self.node.create_publisher(JointTrajectory, "/policy/action_chunk", qos.CONTROL)
@@ -57,8 +65,12 @@ class ImagePolicyBridge:
                                       lambda m: self.results.append(json.loads(m.data)), qos.EVENTS)
         self.max_gap_ns = round(max_pair_gap_s * NS)
         self.image: tuple[int, np.ndarray] | None = None
+        self.image_means: list[float] = []
+        self.bad_images: list[str] = []
         self.episode = -1
         self.noise: np.ndarray | None = None
+        self.replan_every = replan_every
+        self.since_plan = replan_every
         self.chunks = 0
         self.unpaired = 0
         self.compute_ms: list[float] = []
@@ -66,9 +78,12 @@ class ImagePolicyBridge:
     def _on_image(self, msg: Image) -> None:
         m = self.policy.metadata
         h, w = self.policy.image_size
-        assert (msg.encoding, msg.height, msg.width) == ("32FC3", m.n_obs_steps * h, w)
+        if (msg.encoding, msg.height, msg.width) != ("32FC3", m.n_obs_steps * h, w):
+            self.bad_images.append(f"{msg.encoding} {msg.height}x{msg.width}")
+            return
         hist = np.frombuffer(bytes(msg.data), dtype="<f4").reshape(m.n_obs_steps, h, w, 3)
         self.image = (convert.from_time(msg.header.stamp), hist)
+        self.image_means.append(float(hist[-1].mean()))
 
     def _on_state(self, msg: JointTrajectory) -> None:
         stamp, hist, names, _ = convert.observation_from_msg(msg)
@@ -79,9 +94,13 @@ class ImagePolicyBridge:
             return
         episode = episode_of(msg.header.frame_id)
         if episode != self.episode:
-            self.episode = episode
+            self.episode, self.since_plan = episode, self.replan_every
             self.noise = np.random.default_rng([0, episode]).standard_normal((m.horizon, m.action_dim),
                                                                                dtype=np.float32)
+        if self.since_plan < self.replan_every:
+            self.since_plan += 1
+            return
+        self.since_plan = 1
         t0 = time.perf_counter()
         chunk = self.policy.predict_action(self.image[1], hist, self.noise)
         self.compute_ms.append((time.perf_counter() - t0) * 1e3)
@@ -90,9 +109,17 @@ class ImagePolicyBridge:
         self.chunks += 1
 
 
-@pytest.mark.xfail(strict=False, reason="known gap: the camera student succeeds in 0.72 of gym episodes, but this "
-                   "path replans on every tick, which these chunk policies do not survive reliably")
-def test_camera_student_closed_loop_over_dds() -> None:
+@dataclass
+class Run:
+    bridge: ImagePolicyBridge
+    accepted: int
+    rejected: int
+    camera_error: str
+
+
+@pytest.fixture(scope="module")
+def run() -> Run:
+    """``EPISODES`` episodes of the stack (sim, both ingests; no policy node) driven by the bridge."""
     from koopman_control.bringup import Stack
     from koopman_control.stack import StackArgs, build_stack
 
@@ -100,14 +127,14 @@ def test_camera_student_closed_loop_over_dds() -> None:
     (h, w), camera = policy.image_size, policy.camera
     overrides = {
         "sim": {"camera_name": camera, "camera_width": w, "camera_height": h, "camera_rate": 20.0,
-                "auto_reset": True, "seed": 3},
+                "auto_reset": True, "seed": 3, "interpolation": "zoh", "command_timeout": 1.2},
         "state_ingest": {"use_task": False},
         "camera_ingest": {"width": w, "height": h},
     }
     specs = [s for s in build_stack(StackArgs(use_camera=True, teacher_fallback=False), overrides=overrides)
-             if s.name != "policy"]  # the bridge below plays the policy node for the image policy
+             if s.name != "policy"]  # the bridge plays the policy node for the image policy
     ctx, ctx_bridge = ros_context(), ros_context()
-    bridge = ImagePolicyBridge(ctx_bridge, MODEL)
+    bridge = ImagePolicyBridge(ctx_bridge, MODEL, replan_every=policy.metadata.n_action_steps)
     ex = SingleThreadedExecutor(context=ctx_bridge)
     ex.add_node(bridge.node)
     th = threading.Thread(target=ex.spin, daemon=True)
@@ -116,19 +143,13 @@ def test_camera_student_closed_loop_over_dds() -> None:
     try:
         sim, images = stack["sim"], stack["camera_ingest"]
         try:
-            wait_until(lambda: len(bridge.results) >= 3 or sim.camera_error, 120.0, interval=0.2,
-                       what="three episodes driven by the camera student")
+            wait_until(lambda: len(bridge.results) >= EPISODES or sim.camera_error, 150.0, interval=0.2,
+                       what=f"{EPISODES} episodes driven by the camera student")
         except TimeoutError:
             pytest.fail(f"{len(bridge.results)} episodes, {bridge.chunks} chunks, {bridge.unpaired} unpaired "
                         f"state observations; camera: {sim.camera_error!r}, ingest: {images.builder.reason!r}")
-        if sim.camera_error:
-            pytest.skip(sim.camera_error)
         counters = sim.driver.executor.counters
-        assert counters.rejected == 0 and counters.accepted >= bridge.chunks - 2
-        assert bridge.chunks >= 20 and np.median(bridge.compute_ms) < 20.0
-        assert bridge.unpaired <= 3 * len(bridge.results)  # only at episode starts, before frames resume
-        outcomes = bridge.results[:3]
-        assert sum(r["success"] for r in outcomes) >= 2, outcomes
+        return Run(bridge, counters.accepted, counters.rejected, sim.camera_error)
     finally:
         stack.close()
         ex.shutdown()
@@ -136,3 +157,28 @@ def test_camera_student_closed_loop_over_dds() -> None:
         bridge.node.destroy_node()
         rclpy.shutdown(context=ctx)
         rclpy.shutdown(context=ctx_bridge)
+
+
+def test_camera_path_over_dds_drives_the_arm(run: Run) -> None:
+    if run.camera_error:
+        pytest.skip(run.camera_error)
+    b = run.bridge
+    assert not b.bad_images
+    # The scene is mostly bright floor; a frame rendered without camera and light poses is nearly black.
+    assert min(b.image_means) > 0.5, f"dark frames: min mean {min(b.image_means):.3f}"
+    assert run.rejected == 0 and run.accepted >= b.chunks - 2
+    assert b.chunks >= 3 * EPISODES and np.median(b.compute_ms) < 20.0
+    assert b.unpaired <= 3 * len(b.results)  # only at episode starts, before frames resume
+    assert sum(r["collision"] for r in b.results[:EPISODES]) <= 2, b.results
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "known gap: the sim driver publishes each joint state after the physics step that already applies the next "
+    "chunk point, stamped at the step's start, so the state the ingest takes at a tick moves 2 ms into the next "
+    "action (joint velocities 2.5-4x the gym's at the same tick). Measured: 0 of 6 episodes succeed here (all "
+    "end 2-7 cm short); 5 of 6 when the driver publishes the state measured before the step."))
+def test_camera_student_reaches_targets_over_dds(run: Run) -> None:
+    if run.camera_error:
+        pytest.skip(run.camera_error)
+    outcomes = [(r["success"], r["collision"], round(r["min_distance"], 3)) for r in run.bridge.results[:EPISODES]]
+    assert sum(o[0] for o in outcomes) >= 3, outcomes

@@ -180,6 +180,7 @@ class SimNode(KoopmanNode):
                 data.qpos[:] = qpos
                 data.mocap_pos[:] = mocap
                 mujoco.mj_kinematics(model, data)
+                mujoco.mj_camlight(model, data)  # camera and light poses: without it both sit at the origin
                 renderer.update_scene(data, camera=self.p["camera_name"])
                 rgb = renderer.render()
                 if self.image_pub is not None:
