@@ -1,4 +1,4 @@
-"""koopman_sim: MuJoCo Kinova Gen3 arm, the ``gen3_reach_obstacle`` task, a scripted expert, dataset I/O.
+"""koopman_sim: MuJoCo Kinova Gen3 arm, the ``gen3_reach_obstacle`` and ``pusht`` tasks, scripted experts, dataset I/O.
 
 ``make(name, **kw)`` builds a registered Gymnasium environment; ``TASKS`` lists the registered names.
 """
@@ -27,7 +27,13 @@ def _make_reach_obstacle(**kw: Any) -> Any:
     return Gen3ReachObstacleEnv(**kw)
 
 
-_REGISTRY: dict[str, Callable[..., Any]] = {"gen3_reach_obstacle": _make_reach_obstacle}
+def _make_pusht(**kw: Any) -> Any:
+    from koopman_sim.tasks.pusht import PushTEnv
+
+    return PushTEnv(**kw)
+
+
+_REGISTRY: dict[str, Callable[..., Any]] = {"gen3_reach_obstacle": _make_reach_obstacle, "pusht": _make_pusht}
 TASKS: tuple[str, ...] = tuple(_REGISTRY)
 
 

@@ -1,6 +1,6 @@
 """``koopman-sim``: collect demonstrations, watch/render expert rollouts, benchmark the simulator.
 
-  koopman-sim collect --task gen3_reach_obstacle --episodes N --out PATH [--json SUMMARY] [--seed S]
+  koopman-sim collect --task gen3_reach_obstacle|pusht --episodes N --out PATH [--json SUMMARY] [--seed S]
                       [--only-success | --no-only-success] [--model MJCF]
       Runs the scripted expert (env seeds S..S+N-1) with a progress bar, writes an HDF5 dataset
       (koopman_sim.dataset) and prints a JSON summary (episodes, success_rate, collision_rate,

@@ -1,4 +1,4 @@
-"""Running the scripted expert in a task environment and collecting demonstration datasets."""
+"""Running a task's scripted expert in its environment and collecting demonstration datasets."""
 
 from __future__ import annotations
 
@@ -12,9 +12,20 @@ import numpy as np
 from koopman_sim import check_task, make
 from koopman_sim.dataset import side_code, write_dataset
 from koopman_sim.expert import ScriptedExpert
+from koopman_sim.pusht_expert import PushTExpert
+from koopman_sim.tasks.pusht import PushTResult
 from koopman_sim.tasks.reach_obstacle import EpisodeResult
 
-__all__ = ["EpisodeRecord", "collect", "episode_side", "expert_rng", "run_episode", "summarize"]
+__all__ = ["EpisodeRecord", "collect", "episode_side", "expert_rng", "make_expert", "run_episode", "summarize"]
+
+Expert = ScriptedExpert | PushTExpert
+
+
+def make_expert(task: str, env: Any, model_path: str | None = None) -> Expert:
+    """The scripted expert of ``task`` (the Gen3 detour planner or the Push-T pusher)."""
+    if check_task(task) == "pusht":
+        return PushTExpert()
+    return ScriptedExpert(model_path=model_path, control_dt=env.control_dt)
 
 
 def expert_rng(seed: int) -> np.random.Generator:
@@ -40,7 +51,7 @@ class EpisodeRecord:
     seed: int
     obs: np.ndarray
     action: np.ndarray
-    result: EpisodeResult
+    result: EpisodeResult | PushTResult
     frames: list[np.ndarray] = field(default_factory=list)
 
     @property
@@ -50,7 +61,7 @@ class EpisodeRecord:
 
 def run_episode(
     env: Any,
-    expert: ScriptedExpert,
+    expert: Expert,
     seed: int,
     on_step: Callable[[int, dict], None] | None = None,
     frame_every: int | None = None,
@@ -58,10 +69,14 @@ def run_episode(
 ) -> EpisodeRecord:
     """One expert episode; ``on_step(step, info)`` is called after each control step (live status).
 
-    With ``balanced_sides`` the side comes from ``episode_side(seed)``; otherwise the expert flips its own coin.
+    With ``balanced_sides`` the Gen3 expert's side comes from ``episode_side(seed)``; otherwise it flips its own
+    coin (the Push-T expert has no side to choose).
     """
     obs, info = env.reset(seed=int(seed))
-    expert.reset(obs, expert_rng(seed), side=episode_side(seed) if balanced_sides else None)
+    if isinstance(expert, ScriptedExpert):
+        expert.reset(obs, expert_rng(seed), side=episode_side(seed) if balanced_sides else None)
+    else:
+        expert.reset(obs, expert_rng(seed))
     observations, actions, frames = [], [], []
     if frame_every:
         frames.append(env.render_frame())
@@ -87,9 +102,23 @@ def run_episode(
     )
 
 
-def summarize(results: list[EpisodeResult], control_dt: float) -> dict[str, Any]:
-    """Rates over all episodes; left_fraction is over the episodes whose hand got past the pillar."""
+def summarize(results: list[EpisodeResult] | list[PushTResult], control_dt: float) -> dict[str, Any]:
+    """Rates over all episodes; left_fraction is over the episodes whose hand got past the pillar.
+
+    Push-T episodes report success and the mean of each episode's maximum coverage instead.
+    """
     n = len(results)
+    if results and isinstance(results[0], PushTResult):
+        durations = [r.duration for r in results]
+        return {
+            "episodes": n,
+            "success_rate": float(np.mean([r.success for r in results])),
+            "mean_coverage": float(np.mean([r.coverage for r in results])),
+            "mean_final_coverage": float(np.mean([r.final_coverage for r in results])),
+            "mean_episode_seconds": float(np.mean(durations)),
+            "max_episode_seconds": float(np.max(durations)),
+            "control_dt": control_dt,
+        }
     sided = [r.side for r in results if r.side is not None]
     durations = [r.duration for r in results]
     return {
@@ -123,9 +152,9 @@ def collect(
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     env = make(task, model_path=model_path)
-    expert = ScriptedExpert(model_path=model_path, control_dt=env.control_dt)
+    expert = make_expert(task, env, model_path)
     records: list[EpisodeRecord] = []
-    results: list[EpisodeResult] = []
+    results: list[Any] = []
     seeds = range(seed, seed + episodes)
     iterator: Any = seeds
     if progress:
