@@ -8,7 +8,7 @@ PACKAGES := src/koopman_sim src/koopman_policy src/koopman_distill src/koopman_c
 export MUJOCO_GL ?= egl
 export RMW_IMPLEMENTATION ?= rmw_fastrtps_cpp
 
-.PHONY: setup run test lint bench models clean-venv
+.PHONY: setup run test lint bench models models-pusht clean-venv
 
 setup: $(STAMP)
 
@@ -55,6 +55,20 @@ models: setup
 	$(KD) eval --policies teacher,$(shell echo $(STUDENTS) | tr ' ' ',') --episodes 100 \
 		--json models/eval_gen3.json --update-cards
 	$(KD) bench --json models/bench_gen3.json
+
+# Push-T (gym-pusht, state observations): the same teacher and students, trained on the scripted pusher's
+# successful episodes out of 300, evaluated over 50 seeded episodes; results_table joins both tasks.
+models-pusht: setup
+	mkdir -p $(DATA)
+	$(VENV)/bin/koopman-sim collect --task pusht --episodes 300 --seed 0 \
+		--out $(DATA)/pusht_demos.h5 --json $(DATA)/pusht_demos.json
+	$(KD) teacher --data $(DATA)/pusht_demos.h5 --out models/pusht_teacher --steps 6000
+	$(KD) teacher-data --teacher models/pusht_teacher --data $(DATA)/pusht_demos.h5 \
+		--out $(DATA)/pusht_teacher_data.h5 --steps 10 --draws 2
+	for m in $(STUDENTS); do \
+		$(KD) student --method $$m --teacher models/pusht_teacher --teacher-data $(DATA)/pusht_teacher_data.h5 \
+			--out models/pusht_$$m --steps 8000 || exit 1; done
+	for m in teacher $(STUDENTS); do $(KD) export --checkpoint models/pusht_$$m || exit 1; done
 
 clean-venv:
 	rm -rf $(VENV)
