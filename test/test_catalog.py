@@ -17,10 +17,11 @@ REPO = Path(__file__).resolve().parents[1]
 def test_repository_catalogue() -> None:
     catalog = load_catalog(REPO)
     assert catalog.default == "dkoopman"
-    state = {name: e for name, e in catalog.policies.items() if e.inputs == "state"}
+    state = {name: e for name, e in catalog.policies.items() if e.inputs == "state" and e.task != "pusht"}
     assert set(state) == set(POLICIES)
+    assert {f"pusht_{m}" for m in POLICIES} <= set(catalog.policies)
     for name, entry in catalog.policies.items():
-        assert entry.method == name or entry.inputs == "image"
+        assert entry.method == name or entry.inputs == "image" or name == f"{entry.task}_{entry.method}"
         assert entry.onnx is not None and entry.checkpoint is not None
         assert entry.onnx.is_relative_to(REPO / "models")
     teacher = resolve_policy("teacher", root=REPO)

@@ -1,7 +1,9 @@
 """Closed-loop evaluation in the simulated task and the distance of a student's chunks to the teacher's.
 
 Rollouts: episode ``i`` uses task seed ``seed + i`` for every policy, so all policies face the same
-targets and pillars. The policy replans every ``n_action_steps`` control steps; its noise is drawn from a
+start states (Gen3: targets and pillars; Push-T: agent and block poses). The metrics follow the task's
+``result()``: Gen3 counts success, collision and the detour side, Push-T success (coverage > 0.95) and the
+episode's maximum coverage. The policy replans every ``n_action_steps`` control steps; its noise is drawn from a
 generator seeded per episode and held for the whole episode (the same convention as the ROS policy node,
 which replans every tick and must not flip between modes). Latency is the wall time of one batch-1
 ``predict_action`` call.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,26 +29,46 @@ from koopman_distill.runners import Runner
 from koopman_policy.base import BasePolicy
 
 
+def _tracked_point(task: str, env: Any) -> np.ndarray:
+    """What the path plot follows: the Gen3 hand, or the Push-T disc."""
+    if task == "pusht":
+        return np.asarray(env.env.agent.position, dtype=float)
+    return env.arm.ee_pos.copy()
+
+
 @dataclass
 class RolloutStats:
+    task: str = "gen3_reach_obstacle"
     successes: list[bool] = field(default_factory=list)
     collisions: list[bool] = field(default_factory=list)
     sides: list[str | None] = field(default_factory=list)
+    coverages: list[float] = field(default_factory=list)
     latencies_ms: list[float] = field(default_factory=list)
     paths: list[np.ndarray] = field(default_factory=list)
     scenes: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
+    def record(self, result: Any) -> None:
+        """Add one episode's ``env.result()``."""
+        self.successes.append(bool(result.success))
+        if self.task == "pusht":
+            self.coverages.append(float(result.coverage))
+        else:
+            self.collisions.append(bool(result.collision))
+            self.sides.append(result.side)
+            self.scenes.append((np.asarray(result.target), np.asarray(result.pillar)))
+
     def summary(self) -> dict[str, float | int | None]:
         n = len(self.successes)
-        sided = [s for s in self.sides if s is not None]
         lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.full(1, np.nan)
-        return {
-            "episodes": n,
-            "success_rate": float(np.mean(self.successes)) if n else 0.0,
-            "collision_rate": float(np.mean(self.collisions)) if n else 0.0,
-            "left_fraction": float(np.mean([s == "left" for s in sided])) if sided else None,
-            "latency_ms": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))},
-        }
+        out: dict[str, Any] = {"episodes": n, "success_rate": float(np.mean(self.successes)) if n else 0.0}
+        if self.task == "pusht":
+            out["mean_coverage"] = float(np.mean(self.coverages)) if n else 0.0
+        else:
+            sided = [s for s in self.sides if s is not None]
+            out["collision_rate"] = float(np.mean(self.collisions)) if n else 0.0
+            out["left_fraction"] = float(np.mean([s == "left" for s in sided])) if sided else None
+        out["latency_ms"] = {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}
+        return out
 
 
 def rollout(runner: Runner, episodes: int, seed: int, task: str = "gen3_reach_obstacle",
@@ -53,14 +76,17 @@ def rollout(runner: Runner, episodes: int, seed: int, task: str = "gen3_reach_ob
     import koopman_sim
 
     env = koopman_sim.make(task)
-    stats = RolloutStats()
+    if len(env.obs_names) != runner.obs_dim:
+        raise ValueError(f"{runner.name} takes {runner.obs_dim}-d observations, task {task!r} gives "
+                         f"{len(env.obs_names)}-d ones")
+    stats = RolloutStats(task=task)
     start = runner.n_obs_steps - 1
     for ep in tqdm(range(episodes), desc=runner.name, disable=not progress, dynamic_ncols=True):
         obs, _ = env.reset(seed=seed + ep)
         rng = np.random.default_rng(seed + ep)
         noise = rng.standard_normal((runner.horizon, runner.action_dim)).astype(np.float32)
         history = deque([obs] * runner.n_obs_steps, maxlen=runner.n_obs_steps)
-        path = [env.arm.ee_pos.copy()]
+        path = [_tracked_point(task, env)]
         done = False
         while not done:
             t0 = time.perf_counter()
@@ -69,16 +95,12 @@ def rollout(runner: Runner, episodes: int, seed: int, task: str = "gen3_reach_ob
             for action in chunk[start : start + runner.n_action_steps]:
                 obs, _, terminated, truncated, _ = env.step(action)
                 history.append(obs)
-                path.append(env.arm.ee_pos.copy())
+                path.append(_tracked_point(task, env))
                 done = terminated or truncated
                 if done:
                     break
-        result = env.result()
-        stats.successes.append(bool(result.success))
-        stats.collisions.append(bool(result.collision))
-        stats.sides.append(result.side)
+        stats.record(env.result())
         stats.paths.append(np.asarray(path))
-        stats.scenes.append((env.task.target.copy(), env.task.pillar.copy()))
     env.close()
     return stats
 

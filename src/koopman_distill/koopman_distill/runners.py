@@ -24,6 +24,7 @@ class Runner(Protocol):
     horizon: int
     n_obs_steps: int
     n_action_steps: int
+    obs_dim: int
     action_dim: int
     num_parameters: int
     backend: str
@@ -43,7 +44,7 @@ class TorchRunner:
         c = self.policy.config
         self.method = self.policy.method
         self.horizon, self.n_obs_steps, self.n_action_steps = c.horizon, c.n_obs_steps, c.n_action_steps
-        self.action_dim = c.action_dim
+        self.obs_dim, self.action_dim = c.obs_dim, c.action_dim
         self.num_parameters = self.policy.num_parameters()
 
     @torch.no_grad()
@@ -72,7 +73,7 @@ class OnnxRunner:
         meta = self.session.metadata
         self.method = meta.method
         self.horizon, self.n_obs_steps, self.n_action_steps = meta.horizon, meta.n_obs_steps, meta.n_action_steps
-        self.action_dim = len(meta.action_names)
+        self.obs_dim, self.action_dim = meta.obs_dim, len(meta.action_names)
 
     def predict_action(self, obs_history: np.ndarray, noise: np.ndarray) -> np.ndarray:
         return self.session.predict_action(obs_history, noise)

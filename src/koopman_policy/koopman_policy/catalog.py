@@ -9,7 +9,9 @@
                  onnx_denoiser: models/gen3_teacher/denoiser.onnx, card: models/gen3_teacher/card.json}
     default: dkoopman
 
-A camera policy adds ``inputs: image`` (default ``state``): it observes frames plus the joint state.
+A camera policy adds ``inputs: image`` (default ``state``): it observes frames plus the joint state. ``task``
+(default ``gen3_reach_obstacle``) names the environment a policy was trained for, so tools that compare
+policies (the benchmark's speedup over the teacher) only compare those of one task.
 Relative paths are relative to the catalogue root (the directory holding ``config/``). Files need not exist
 to be resolved: loading them is where a missing file is reported, with its path. A checkpoint directory
 (with ``config.json``) or an ``.onnx`` file can be named directly instead of a catalogue name.
@@ -28,7 +30,8 @@ import yaml
 CATALOG = Path("config") / "policies.yaml"
 ROOT_ENV = "KOOPMAN_CONTROL_ROOT"
 _PATH_FIELDS = ("checkpoint", "onnx", "onnx_denoiser", "card")
-_FIELDS = ("method", "inputs", *_PATH_FIELDS)
+_FIELDS = ("method", "inputs", "task", *_PATH_FIELDS)
+DEFAULT_TASK = "gen3_reach_obstacle"
 #: What a policy observes: the task's state vector, or camera frames plus the joint state (``inputs: image``).
 INPUTS = ("state", "image")
 
@@ -50,6 +53,7 @@ class PolicyEntry:
     onnx_denoiser: Path | None = None
     card: Path | None = None
     inputs: str = "state"
+    task: str = DEFAULT_TASK
 
     def card_data(self) -> dict[str, Any]:
         """The model card (JSON or YAML), or ``{}`` when there is none."""
@@ -108,7 +112,8 @@ def load_catalog(root: str | Path | None = None) -> Catalog:
         inputs = str(spec.get("inputs", "state"))
         if inputs not in INPUTS:
             raise CatalogError(f"{path}: policy {name!r} has inputs {inputs!r}; known: {', '.join(INPUTS)}")
-        policies[str(name)] = PolicyEntry(name=str(name), method=str(spec["method"]), inputs=inputs, **paths)
+        policies[str(name)] = PolicyEntry(name=str(name), method=str(spec["method"]), inputs=inputs,
+                                          task=str(spec.get("task", DEFAULT_TASK)), **paths)
     default = data.get("default")
     if default is not None and default not in policies:
         raise CatalogError(f"{path}: default {default!r} is not one of {sorted(policies)}")

@@ -7,6 +7,11 @@ DDIM-k loop, and as its unrolled DDIM-k ``policy.onnx``. Pinning the process to 
 (``os.sched_setaffinity``) with one ONNX Runtime and one torch thread gives the "one CPU core" figure and
 keeps the runs comparable; every timing comes from the same run on the same machine.
 
+FLOPs per decision (one chunk) come from ``torch.utils.flop_counter.FlopCounterMode`` on the PyTorch model at
+batch 1: it counts matrix multiplications and convolutions (2 per multiply-add), which dominate every policy
+here; element-wise work is left out. A student's figure is one ``predict_action``; the teacher's is one
+denoiser call times its number of steps (100 for DDPM-100, k for DDIM-k), as its sampler spends them.
+
 Models are catalogue names or paths (checkpoint directories or ``.onnx`` files). A checkpoint without its
 ONNX files is exported to a temporary directory first, so untrained checkpoints can be benchmarked too.
 """
@@ -28,8 +33,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from koopman_distill.cli import UserError
+from koopman_policy.base import BasePolicy
 from koopman_policy.catalog import PolicyEntry, load_catalog, resolve_policy
 from koopman_policy.checkpoint import load_policy
 from koopman_policy.onnx_export import export_policy, export_teacher_denoiser
@@ -42,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", nargs="+", default=None,
                    help="catalogue names, checkpoint directories or .onnx files (default: every catalogue "
                         "entry whose files exist)")
+    p.add_argument("--task", default=None,
+                   help="only the catalogue entries of this task (default: every task); a speedup is always over "
+                        "the DDPM-100 teacher of the student's own task")
     p.add_argument("--calls", type=int, default=2000, help="timed calls per one-step model (default 2000)")
     p.add_argument("--ddpm-calls", type=int, default=200, help="timed calls of the DDPM-100 teacher")
     p.add_argument("--teacher-calls", type=int, default=None,
@@ -77,6 +87,20 @@ def time_calls(fn: Callable[[], Any], calls: int, warmup: int) -> dict[str, Any]
     ms = times / 1e6
     return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
             "mean_ms": float(ms.mean()), "max_ms": float(ms.max()), "calls": calls, "warmup": warmup}
+
+
+@torch.no_grad()
+def flops_per_call(policy: BasePolicy) -> int:
+    """FLOPs of one decision of a student, or of one denoiser call of the teacher (batch 1)."""
+    c = policy.config
+    obs = torch.zeros(1, c.n_obs_steps, c.obs_dim)
+    noise = torch.zeros(1, c.horizon, c.action_dim)
+    with FlopCounterMode(display=False) as counter:
+        if policy.method == "teacher":
+            policy.model(noise, torch.tensor(0), policy.encode_obs(obs))
+        else:
+            policy.predict_action(obs, noise)
+    return int(counter.get_total_flops())
 
 
 def _histories(low: np.ndarray, high: np.ndarray, n_obs_steps: int, count: int = 16) -> np.ndarray:
@@ -115,8 +139,9 @@ def _bench_student(entry: PolicyEntry, onnx: Path, args: argparse.Namespace) -> 
     m = policy.metadata
     nxt = _cycle(_histories(m.obs_low, m.obs_high, m.n_obs_steps))
     result = time_calls(lambda: policy.predict_action(nxt()), args.calls, args.warmup)
+    flops = flops_per_call(load_policy(entry.checkpoint)) if entry.checkpoint is not None else None
     return {**result, "method": m.method, "runtime": "onnxruntime", "provider": policy.provider,
-            "file": str(onnx)}
+            "flops_per_decision": flops, "file": str(onnx)}
 
 
 def _bench_image(onnx: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -139,8 +164,10 @@ def _bench_teacher(entry: PolicyEntry, onnx: Path | None, den: Path | None,
     out: dict[str, dict[str, Any]] = {}
     k = args.ddim_steps
     teacher_calls = args.teacher_calls or args.calls
+    denoiser_flops = None
     if entry.checkpoint is not None and entry.checkpoint.is_dir():
         policy = load_policy(entry.checkpoint)
+        denoiser_flops = flops_per_call(policy)
         low, high = (t.numpy() for t in policy.obs_normalizer.bounds())
         hist = torch.from_numpy(_histories(low, high, policy.config.n_obs_steps))
         nxt = _cycle(hist.numpy())
@@ -149,15 +176,18 @@ def _bench_teacher(entry: PolicyEntry, onnx: Path | None, den: Path | None,
             policy.config = dataclasses.replace(policy.config, sampler=sampler, num_inference_steps=steps)
             res = time_calls(lambda p=policy: p.predict_action(torch.from_numpy(nxt())), calls, warm)
             name = f"{entry.name}_{sampler}{steps}_torch"
-            out[name] = {**res, "method": "teacher", "runtime": "torch", "sampler": sampler, "steps": steps,
-                         "torch_threads": torch.get_num_threads(), "file": str(entry.checkpoint)}
+            out[name] = {**res, "method": "teacher", "task": entry.task, "runtime": "torch", "sampler": sampler,
+                         "steps": steps,
+                         "flops_per_decision": denoiser_flops * steps, "torch_threads": torch.get_num_threads(),
+                         "file": str(entry.checkpoint)}
     if den is not None:
         loop = OnnxDenoiserLoop(den, intra_op_threads=args.intra_op_threads, sampler="ddim", num_inference_steps=k)
         nxt = _cycle(_histories(loop.metadata.obs_low, loop.metadata.obs_high, loop.metadata.n_obs_steps))
         res = time_calls(lambda: loop.predict_action(nxt()), teacher_calls, args.warmup)
         out[f"{entry.name}_ddim{k}_onnx_denoiser_loop"] = {
             **res, "method": "teacher", "runtime": "onnxruntime+numpy", "provider": loop.provider,
-            "sampler": "ddim", "steps": k, "file": str(den)}
+            "sampler": "ddim", "steps": k, "flops_per_decision": denoiser_flops and denoiser_flops * k,
+            "file": str(den)}
     if onnx is not None:
         policy_onnx = OnnxPolicy(onnx, intra_op_threads=args.intra_op_threads)
         steps = policy_onnx.metadata.num_inference_steps
@@ -166,7 +196,8 @@ def _bench_teacher(entry: PolicyEntry, onnx: Path | None, den: Path | None,
         res = time_calls(lambda: policy_onnx.predict_action(nxt()), teacher_calls, args.warmup)
         out[f"{entry.name}_ddim{steps}_onnx_unrolled"] = {
             **res, "method": "teacher", "runtime": "onnxruntime", "provider": policy_onnx.provider,
-            "sampler": "ddim", "steps": steps, "file": str(onnx)}
+            "sampler": "ddim", "steps": steps, "flops_per_decision": denoiser_flops and denoiser_flops * steps,
+            "file": str(onnx)}
     return out
 
 
@@ -189,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         catalog = load_catalog()
         entries = [e for e in catalog.policies.values()
-                   if any(p is not None and p.exists() for p in (e.checkpoint, e.onnx, e.onnx_denoiser))]
+                   if any(p is not None and p.exists() for p in (e.checkpoint, e.onnx, e.onnx_denoiser))
+                   and args.task in (None, e.task)]
         if not entries:
             raise UserError("no catalogue policy has files yet; pass --models with checkpoint directories")
     names = [e.name for e in entries]
@@ -218,12 +250,15 @@ def run(args: argparse.Namespace) -> int:
     finally:
         torch.set_num_threads(prev_threads)
         os.sched_setaffinity(0, prev_affinity)
-    reference = next((v for k, v in results.items() if v.get("runtime") == "torch" and v.get("sampler") == "ddpm"),
-                     None)
+    teachers = {e.task: e.name for e in entries if e.method == "teacher"}
     for entry in entries:
         if entry.method != "teacher" and entry.inputs == "state":  # the camera policies solve another problem
             r = results[entry.name]
+            r["task"] = entry.task
+            reference = next((v for k, v in results.items() if k.startswith(f"{teachers.get(entry.task)}_ddpm")
+                              and v.get("runtime") == "torch"), None)
             r["speedup_vs_teacher_ddpm100"] = None if reference is None else reference["p50_ms"] / r["p50_ms"]
+            r["teacher"] = teachers.get(entry.task)
     providers = sorted({v["provider"] for v in results.values() if "provider" in v})
     results["machine"] = {
         "cpu_model": _cpu_model(),

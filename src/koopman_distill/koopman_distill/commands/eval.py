@@ -1,6 +1,8 @@
-"""``koopman-distill eval``: closed-loop success, mode balance, distance to the teacher, latency.
+"""``koopman-distill eval``: closed-loop task metrics, distance to the teacher, latency.
 
-Writes JSON keyed by policy name, a markdown table beside it and a plot of the end-effector paths.
+``--task`` picks the environment and its metrics (Gen3: success, collision, mode balance; Push-T: success
+and mean max coverage). Writes JSON keyed by policy name, a markdown table beside it and a plot of the
+paths (the Gen3 hand or the Push-T disc).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import koopman_sim
 from koopman_distill.data import episode_windows
 from koopman_distill.evaluate import RolloutStats, mmd_to_teacher, rollout, teacher_reference
 from koopman_distill.runners import load_runner
@@ -20,10 +23,13 @@ from koopman_distill.runners import load_runner
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate policies in closed loop and against the teacher")
     p.add_argument("--policies", required=True, help="comma-separated names from config/policies.yaml or paths")
+    p.add_argument("--task", default="gen3_reach_obstacle",
+                   help=f"environment to evaluate in: {', '.join(koopman_sim.TASKS)} (default gen3_reach_obstacle)")
     p.add_argument("--episodes", type=int, default=100)
     p.add_argument("--seed", type=int, default=1000, help="task seed of the first episode")
     p.add_argument("--json", required=True, type=Path, help="results file; .md and .png are written beside it")
-    p.add_argument("--teacher", default="teacher", help="reference policy for mmd_to_teacher")
+    p.add_argument("--teacher", default=None,
+                   help="reference policy for mmd_to_teacher (default: the task's teacher, teacher or pusht_teacher)")
     p.add_argument("--data", help="demonstrations to draw MMD observations from (default: task start states)")
     p.add_argument("--mmd-obs", type=int, default=32)
     p.add_argument("--mmd-draws", type=int, default=32)
@@ -41,15 +47,25 @@ def mmd_observations(args: argparse.Namespace, n_obs_steps: int, horizon: int) -
         demos = load_dataset(args.data)
         obs = episode_windows(demos.obs, demos.action, demos.episode_ends, horizon, n_obs_steps)["obs"]
         return obs[rng.choice(len(obs), size=args.mmd_obs, replace=False)]
-    import koopman_sim
-
-    env = koopman_sim.make("gen3_reach_obstacle")
+    env = koopman_sim.make(args.task)
     starts = [env.reset(seed=10_000 + args.seed + i)[0] for i in range(args.mmd_obs)]
     env.close()
     return torch.from_numpy(np.stack([[o] * n_obs_steps for o in starts]).astype(np.float32))
 
 
-def markdown_table(results: dict[str, dict]) -> str:
+DEFAULT_TEACHER = {"gen3_reach_obstacle": "teacher", "pusht": "pusht_teacher"}
+
+
+def markdown_table(results: dict[str, dict], task: str = "gen3_reach_obstacle") -> str:
+    if task == "pusht":
+        lines = ["| policy | method | backend | mean max coverage | success (coverage > 0.95) | MMD² to teacher "
+                 "| latency p50 / p99 (ms) | parameters |", "|---|---|---|---|---|---|---|---|"]
+        for name, r in results.items():
+            lines.append(
+                f"| {name} | {r['method']} | {r['backend']} | {r['mean_coverage']:.3f} | {r['success_rate']:.2f} "
+                f"| {r['mmd_to_teacher']:.4f} | {r['latency_ms']['p50']:.3f} / {r['latency_ms']['p99']:.3f} "
+                f"| {r['parameters']:,} |")
+        return "\n".join(lines) + "\n"
     head = ("| policy | method | backend | success | collision | left fraction | MMD² to teacher "
             "| latency p50 / p99 (ms) | parameters |")
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
@@ -61,6 +77,39 @@ def markdown_table(results: dict[str, dict]) -> str:
             f"| {r['parameters']:,} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def plot_pusht(stats: dict[str, RolloutStats], path: Path) -> None:
+    """Every episode's disc path on the table, one panel per policy, with the goal T."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from koopman_sim.pusht_expert import T_OUTLINE
+    from koopman_sim.tasks.pusht import GOAL_POSE
+
+    c, s = np.cos(GOAL_POSE[2]), np.sin(GOAL_POSE[2])
+    goal = T_OUTLINE @ np.array([[c, s], [-s, c]]) + GOAL_POSE[:2]
+    cols = min(3, len(stats))
+    rows = -(-len(stats) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.6 * rows), squeeze=False)
+    for ax, (name, st) in zip(axes.flat, stats.items(), strict=False):
+        ax.add_patch(plt.Polygon(goal, color="tab:green", alpha=0.25))
+        for p, ok in zip(st.paths, st.successes, strict=True):
+            ax.plot(p[:, 0], p[:, 1], color="tab:blue" if ok else "tab:gray", alpha=0.3, lw=0.7)
+        summary = st.summary()
+        ax.set_title(f"{name}: coverage {summary['mean_coverage']:.2f}, success {summary['success_rate']:.2f}",
+                     fontsize=9)
+        ax.set_xlim(0, 512)
+        ax.set_ylim(0, 512)
+        ax.set_aspect("equal")
+    for ax in axes.flat[len(stats):]:
+        ax.axis("off")
+    fig.suptitle("Push-T disc paths (blue success, grey not; goal pose green)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_paths(stats: dict[str, RolloutStats], path: Path) -> None:
@@ -102,15 +151,18 @@ def run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.policies.split(",") if n.strip()]
     if not names or args.episodes < 1:
         raise ValueError("--policies needs at least one name and --episodes must be positive")
+    koopman_sim.check_task(args.task)
+    teacher_name = args.teacher or DEFAULT_TEACHER[args.task]
     runners = {n: load_runner(n, args.backend) for n in names}
-    teacher_runner = runners.get(args.teacher) or load_runner(args.teacher, "torch")
+    teacher_runner = runners.get(teacher_name) or load_runner(teacher_name, "torch")
     teacher = teacher_runner.policy
     obs = mmd_observations(args, teacher_runner.n_obs_steps, teacher_runner.horizon)
     reference = teacher_reference(teacher, obs, args.mmd_draws, args.seed)
     results, stats = {}, {}
     for name, runner in runners.items():
-        stats[name] = rollout(runner, args.episodes, args.seed)
+        stats[name] = rollout(runner, args.episodes, args.seed, task=args.task)
         results[name] = {
+            "task": args.task,
             "method": runner.method,
             "backend": runner.backend,
             **stats[name].summary(),
@@ -119,14 +171,15 @@ def run(args: argparse.Namespace) -> int:
         }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown_table(results)
+    table = markdown_table(results, args.task)
     args.json.with_suffix(".md").write_text(table)
-    plot_paths(stats, args.json.with_suffix(".png"))
+    (plot_pusht if args.task == "pusht" else plot_paths)(stats, args.json.with_suffix(".png"))
     if args.update_cards:
         for name, runner in runners.items():
             if runner.card is not None and runner.card.is_file():
                 card = json.loads(runner.card.read_text())
-                card["evaluation"] = {"command": args.command_line, "seed": args.seed, **results[name]}
+                card["evaluation"] = {"command": args.command_line, "task": args.task, "seed": args.seed,
+                                      **results[name]}
                 runner.card.write_text(json.dumps(card, indent=2) + "\n")
     print(table)
     return 0
