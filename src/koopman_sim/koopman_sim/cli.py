@@ -153,6 +153,8 @@ def _rollout(args: argparse.Namespace, render_to: str | None) -> int:
     from koopman_sim.expert import ScriptedExpert
 
     check_task(args.task)
+    if args.task == "pusht":
+        raise CliError("rollout and view drive the Gen3 expert; for pusht, collect prints the expert's summary")
     _check_model(args.model)
     _check_writable(render_to)
     if render_to is not None and Path(render_to).suffix.lower() not in (".png", ".mp4"):
@@ -204,6 +206,8 @@ def _cmd_view(args: argparse.Namespace) -> int:
     from koopman_sim.expert import ScriptedExpert
 
     check_task(args.task)
+    if args.task == "pusht":
+        raise CliError("rollout and view drive the Gen3 expert; for pusht, collect prints the expert's summary")
     _check_model(args.model)
     env = make(args.task, model_path=args.model)
     expert = ScriptedExpert(model_path=args.model, control_dt=env.control_dt)
