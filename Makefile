@@ -8,7 +8,7 @@ PACKAGES := src/koopman_sim src/koopman_policy src/koopman_distill src/koopman_c
 export MUJOCO_GL ?= egl
 export RMW_IMPLEMENTATION ?= rmw_fastrtps_cpp
 
-.PHONY: setup run test lint bench models models-pusht clean-venv
+.PHONY: setup run test lint bench models models-pusht results-table clean-venv
 
 setup: $(STAMP)
 
@@ -30,7 +30,7 @@ lint: setup
 	$(VENV)/bin/ruff check src test launch
 
 bench: setup
-	$(VENV)/bin/koopman-distill bench --json models/bench_gen3.json
+	$(VENV)/bin/koopman-distill bench --task gen3_reach_obstacle --json models/bench_gen3.json
 
 # The whole offline pipeline that produced models/: demonstrations, teacher, teacher trajectories,
 # every student, ONNX export, closed-loop evaluation and the latency benchmark.
@@ -54,7 +54,7 @@ models: setup
 	for m in kdm dkoopman; do $(KD) export --checkpoint models/gen3_$$m --ood-threshold 0.03 || exit 1; done
 	$(KD) eval --policies teacher,$(shell echo $(STUDENTS) | tr ' ' ',') --episodes 100 \
 		--json models/eval_gen3.json --update-cards
-	$(KD) bench --json models/bench_gen3.json
+	$(KD) bench --task gen3_reach_obstacle --json models/bench_gen3.json
 
 # Push-T (gym-pusht, state observations): the same teacher and students, trained on the scripted pusher's
 # successful episodes out of 300, evaluated over 50 seeded episodes; results_table joins both tasks.
@@ -69,6 +69,15 @@ models-pusht: setup
 		$(KD) student --method $$m --teacher models/pusht_teacher --teacher-data $(DATA)/pusht_teacher_data.h5 \
 			--out models/pusht_$$m --steps 8000 || exit 1; done
 	for m in teacher $(STUDENTS); do $(KD) export --checkpoint models/pusht_$$m || exit 1; done
+	$(KD) eval --task pusht --policies pusht_teacher,pusht_kdm,pusht_dkoopman,pusht_oneflow,pusht_cd,pusht_bc \
+		--episodes 50 --json models/eval_pusht.json --update-cards
+	$(KD) bench --task pusht --json models/bench_pusht.json
+	$(MAKE) results-table
+
+# One table for both tasks (method, coverage, latency, FLOPs, speedup over the DDPM-100 teacher).
+results-table: setup
+	$(KD) table --results gen3_reach_obstacle models/eval_gen3.json models/bench_gen3.json \
+		--results pusht models/eval_pusht.json models/bench_pusht.json --json models/results_table.json
 
 clean-venv:
 	rm -rf $(VENV)
