@@ -172,11 +172,6 @@ def test_camera_path_over_dds_drives_the_arm(run: Run) -> None:
     assert sum(r["collision"] for r in b.results[:EPISODES]) <= 2, b.results
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known gap: the sim driver publishes each joint state after the physics step that already applies the next "
-    "chunk point, stamped at the step's start, so the state the ingest takes at a tick moves 2 ms into the next "
-    "action (joint velocities 2.5-4x the gym's at the same tick). Measured: 0 of 6 episodes succeed here (all "
-    "end 2-7 cm short); 5 of 6 when the driver publishes the state measured before the step."))
 def test_camera_student_reaches_targets_over_dds(run: Run) -> None:
     if run.camera_error:
         pytest.skip(run.camera_error)

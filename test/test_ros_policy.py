@@ -225,7 +225,7 @@ def test_student_failure_hands_over_to_teacher_within_one_period(running, faulty
     wait_until(lambda: "teacher_fallback" in probe.modes, 2.0, what="mode 'teacher_fallback'")
     assert pol.supervisor.fallback_events == n_fallbacks + 1
     assert pol.supervisor.unhealthy_by_kind.get(kind, 0) >= 1
-    assert pol.teacher_forwarded >= 1
+    assert pol.teacher_plans >= 1
     n = len(probe.chunks)  # the teacher keeps serving every tick while the student fails
     wait_until(lambda: len(probe.chunks) >= n + 3, 2.0, what="teacher chunks in fallback")
     probe.reset_until(side_positive=False)  # healthy again: back to the student after 3 healthy ticks
@@ -234,8 +234,6 @@ def test_student_failure_hands_over_to_teacher_within_one_period(running, faulty
     assert "non-finite" not in stack["sim"].driver.executor.counters.reject_reasons
 
 
-@pytest.mark.xfail(strict=False, reason="known gap: the shipped dkoopman student succeeds in 97 of 100 gym "
-                   "episodes but in about 5 of 8 through the ROS stack; the cause is not found yet")
 def test_closed_loop_episode_with_shipped_student_reaches_target() -> None:
     from koopman_policy.catalog import resolve_policy
 

@@ -37,7 +37,7 @@ class SimState:
 class SimDriver:
     def __init__(self, *, feedback_rate_hz: float = 500.0, physics_dt: float = 0.002, time_limit: float = 8.0,
                  seed: int = 0, auto_reset: bool = True, command_timeout_s: float = 0.3,
-                 interpolation: str = "linear", model_path: str | None = None) -> None:
+                 interpolation: str = "zoh", model_path: str | None = None) -> None:
         from koopman_sim import gen3
         from koopman_sim.arm import Gen3Arm
         from koopman_sim.tasks.reach_obstacle import ReachObstacleTask
@@ -87,9 +87,16 @@ class SimDriver:
 
     # -- physics ---------------------------------------------------------------------------------------------
     def step(self, now_ns: int, skipped: int = 0) -> SimState:
-        """Advance one feedback period (plus ``skipped`` ones the real-time loop dropped, capped at 50)."""
+        """Sample the joints at ``now_ns``, then advance one period (plus ``skipped`` dropped ones, up to 50).
+
+        The returned state is the one measured *before* the step, as a robot's feedback is sampled before the
+        command of the same cycle takes effect. Sampling after the step (under the next chunk point's
+        set-point) yet stamping with the step's start showed the policy joint velocities 2.5-4x the gym
+        environment's at the same phase, and closed-loop success through topics dropped accordingly.
+        """
         with self.lock:
             arm, task = self.arm, self.task
+            q, qd = arm.q, arm.qd  # copies
             target = self.executor.command(now_ns, arm.q)
             if target is not None:
                 try:
@@ -105,7 +112,6 @@ class SimDriver:
                 self._reported = True
                 result = {"episode": self.episode, "seed": self.episode_seed, **task.result().to_dict()}
                 self.results.append(result)
-            q, qd = arm.q, arm.qd
         if result is not None and self.auto_reset:
             started = self.reset_episode(now_ns)
         return SimState(now_ns, q, qd, result, started)

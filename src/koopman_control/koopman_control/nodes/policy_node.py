@@ -13,7 +13,9 @@ Receding horizon, as the policies were trained and evaluated: a new plan is made
 ticks (0 = the model's ``n_action_steps``), at every new episode and on every change of mode; in between,
 each tick republishes the current plan from the present step on, stamped with the present observation, so
 the arm's watchdog sees a fresh command every period. The student is judged (exception, NaN, limits,
-deadline, OOD) on each plan it makes. Taking a fresh plan every tick
+deadline, OOD) on each plan it makes. In ``teacher_fallback`` the teacher's chunk for a tick becomes the plan
+and is followed the same way, while the student keeps being judged on every tick so that the return to it
+is not delayed by the plan. Taking a fresh plan every tick
 (``execute_steps: 1``) closes the loop through the first step of each chunk, which these one-step students
 were not trained for (measured in the gym task with dkoopman: 10 of 10 episodes collided, against 10 of 10
 successes with 8 executed steps).
@@ -126,7 +128,7 @@ class PolicyNode(KoopmanNode):
         self.missed_ticks = 0
         self.deadline_misses = 0
         self.published = 0
-        self.teacher_forwarded = 0
+        self.teacher_plans = 0
         self.bad_observations = 0
         self.swaps = 0
         self.last_ood: float | None = None
@@ -134,10 +136,14 @@ class PolicyNode(KoopmanNode):
         self._last_rx: float | None = None
         self._prev_served = True
         self._last_pub_stamp = -1
-        self._plan: np.ndarray | None = None  # the chunk being followed, its age in ticks, its episode and mode
+        # The plan being followed: its points from its planning tick on, their spacing, its age in ticks, and
+        # the (episode, mode) it belongs to.
+        self._plan: np.ndarray | None = None
+        self._plan_dt = 0.0
         self._plan_age = 0
         self._plan_key: tuple[int, Mode] | None = None
         self._teacher_latest: JointTrajectory | None = None
+        self._awaiting_teacher: tuple[int, int] | None = None  # (stamp, episode) of a fallback tick without a plan
 
         try:
             runner = load_runner(self, self.param("policy"))
@@ -279,7 +285,7 @@ class PolicyNode(KoopmanNode):
         if runner is None:
             return
         runner.new_episode(episode)
-        if self._continue_plan(episode, runner, stamp):
+        if self.supervisor.mode is not Mode.FALLBACK and self._continue_plan(episode, runner, stamp):
             return
         res = runner.step(hist, names, budget_s=self.deadline_ns() / NS)
         self.compute.add(res.compute_s * 1e3)
@@ -294,43 +300,56 @@ class PolicyNode(KoopmanNode):
         serve = mode is Mode.STUDENT or (mode is Mode.TEACHER and res.chunk is not None
                                          and res.health.kind in ("ok", "deadline", "ood"))
         if serve and res.chunk is not None:
-            self._plan, self._plan_age, self._plan_key = res.chunk, 0, (episode, mode)
-            self._publish_plan(runner, stamp)
-        elif mode is Mode.FALLBACK:
-            t = self._teacher_latest
-            if t is not None and convert.from_time(t.header.stamp) == stamp:
-                self._forward_teacher(t)
+            m = runner.meta
+            _, points = published_points(res.chunk, m.n_obs_steps, m.control_dt)
+            self._adopt_plan(points, m.control_dt, (episode, mode), stamp)
+        elif mode is Mode.FALLBACK and not self._continue_plan(episode, runner, stamp):
+            self._awaiting_teacher = (stamp, episode)
+            if self._teacher_latest is not None:
+                self._take_teacher_plan(self._teacher_latest)
 
     def _continue_plan(self, episode: int, runner: PolicyRunner, stamp: int) -> bool:
         """Follow the current plan this tick (True), or let the caller make a new one (False)."""
         steps = self.param("execute_steps") or runner.meta.n_action_steps
-        mode = self.supervisor.mode
-        if (self._plan is None or self._plan_key != (episode, mode) or mode is Mode.FALLBACK
-                or self._plan_age + 1 >= steps):
+        if (self._plan is None or self._plan_key != (episode, self.supervisor.mode)
+                or self._plan_age + 1 >= min(steps, len(self._plan))):
             return False
         self._plan_age += 1
-        self._publish_plan(runner, stamp)
+        self._publish_plan(stamp)
         return True
 
-    def _publish_plan(self, runner: PolicyRunner, stamp: int) -> None:
+    def _adopt_plan(self, points: np.ndarray, dt: float, key: tuple[int, Mode], stamp: int) -> None:
+        self._plan, self._plan_dt, self._plan_age, self._plan_key = points, dt, 0, key
+        self._awaiting_teacher = None
+        self._publish_plan(stamp)
+
+    def _publish_plan(self, stamp: int) -> None:
         """The current plan from the present step on, stamped with the present observation."""
-        m = runner.meta
-        offsets, points = published_points(self._plan[self._plan_age:], m.n_obs_steps, m.control_dt)
-        out = convert.chunk_msg(stamp, m.action_names, offsets, points.astype(np.float64))
+        points = self._plan[self._plan_age:]
+        offsets = np.arange(len(points)) * self._plan_dt
+        out = convert.chunk_msg(stamp, self.joint_names, offsets, points.astype(np.float64))
         student = self.supervisor.mode is Mode.STUDENT
         self._publish_chunk(out, stamp, self.student_latency if student else self.teacher_latency)
 
     def _on_teacher_chunk(self, msg: JointTrajectory) -> None:
         self._teacher_latest = msg
         if self.supervisor.mode is Mode.FALLBACK:
-            self._forward_teacher(msg)
+            self._take_teacher_plan(msg)
 
-    def _forward_teacher(self, msg: JointTrajectory) -> None:
+    def _take_teacher_plan(self, msg: JointTrajectory) -> None:
+        """Adopt the teacher's chunk as the plan if it answers the fallback tick that is waiting for one."""
+        waiting = self._awaiting_teacher
         stamp = convert.from_time(msg.header.stamp)
-        if stamp <= self._last_pub_stamp:
-            return  # already served this tick (or an older one): the executor follows the newest anyway
-        self.teacher_forwarded += 1
-        self._publish_chunk(msg, stamp, self.teacher_latency)
+        if waiting is None or stamp != waiting[0]:
+            return
+        try:
+            chunk = convert.chunk_from_msg(msg, self.joint_names)
+        except ValueError as err:
+            self.get_logger().error(f"teacher chunk refused: {err}", throttle_duration_sec=2.0)
+            return
+        dt = float(np.median(np.diff(chunk.times_ns))) / NS if len(chunk.times_ns) > 1 else 0.0
+        self.teacher_plans += 1
+        self._adopt_plan(chunk.positions, dt, (waiting[1], Mode.FALLBACK), stamp)
 
     def _publish_mode(self) -> None:
         mode = self.supervisor.mode
@@ -343,7 +362,7 @@ class PolicyNode(KoopmanNode):
         for st in (self.latency, self.student_latency, self.teacher_latency, self.compute, self.arrival):
             st.reset()
         self.tick_rate.reset()
-        self.ticks = self.missed_ticks = self.deadline_misses = self.published = self.teacher_forwarded = 0
+        self.ticks = self.missed_ticks = self.deadline_misses = self.published = self.teacher_plans = 0
         self.bad_observations = 0
         self.supervisor.fallback_events = 0
         self.supervisor.unhealthy_by_kind.clear()
@@ -361,7 +380,7 @@ class PolicyNode(KoopmanNode):
             "fallback_events": sup.fallback_events,
             "unhealthy": dict(sup.unhealthy_by_kind),
             "last_unhealthy_reason": sup.last_reason,
-            "teacher_forwarded": self.teacher_forwarded,
+            "teacher_plans": self.teacher_plans,
             "swaps": self.swaps,
             "bad_observations": self.bad_observations,
             "latency_ms": self.latency.summary(),

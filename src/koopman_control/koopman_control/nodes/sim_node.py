@@ -40,7 +40,7 @@ class SimNode(KoopmanNode):
             "auto_reset": self.declare("auto_reset", True, "start a new episode after success/collision/timeout"),
             "command_timeout": self.declare("command_timeout", 0.3, "hold the arm still after this long without "
                                                                     "a chunk (s)"),
-            "interpolation": self.declare("interpolation", "linear", "chunk interpolation: linear | zoh"),
+            "interpolation": self.declare("interpolation", "zoh", "chunk interpolation: zoh | linear"),
             "model_path": self.declare("model_path", "", "MJCF of the arm ('' = bundled gen3.xml)"),
             "publish_camera": self.declare("publish_camera", False, "render and publish camera frames"),
             "camera_rate": self.declare("camera_rate", 10.0, "camera frame rate (Hz)"),
