@@ -138,6 +138,32 @@ def _node(executable: str, name: str, cls: str, files: tuple[Path, ...], **overr
     return NodeSpec(executable, name, f"{PACKAGE}.nodes.{executable}:{cls}", files, overrides)
 
 
+def camera_settings(policy: str | None, root: Path) -> dict[str, dict[str, Any]]:
+    """Sim camera and ingest frame size for a camera policy, from its ONNX metadata.
+
+    A camera policy only works on frames like those it was trained on (camera, width, height), so these
+    follow the model rather than config/stack.yaml. Nothing for state policies or names the catalogue does not
+    know (the policy node reports those).
+    """
+    from koopman_policy.catalog import resolve_policy
+
+    try:
+        entry = resolve_policy(policy or None, root=root)
+    except ValueError:
+        return {}
+    if entry.inputs != "image" or entry.onnx is None or not entry.onnx.is_file():
+        return {}
+    from koopman_policy.onnx_export import read_metadata
+
+    try:
+        raw = read_metadata(entry.onnx)
+        h, w, name = int(raw["image_height"]), int(raw["image_width"]), str(raw["camera"])
+    except (KeyError, TypeError, ValueError, OSError) as err:
+        raise StackError(f"camera policy {entry.name!r}: unreadable image metadata in {entry.onnx}: {err}") from None
+    return {"sim": {"camera_name": name, "camera_width": w, "camera_height": h},
+            "camera_ingest": {"width": w, "height": h}}
+
+
 def build_stack(args: StackArgs | None = None, root: str | Path | None = None,
                 overrides: Mapping[str, Mapping[str, Any]] | None = None) -> list[NodeSpec]:
     """Which nodes run, in start order, with their parameter files and overrides.
@@ -167,14 +193,18 @@ def build_stack(args: StackArgs | None = None, root: str | Path | None = None,
         nodes.append(_node("kortex_bridge_node", "kortex_bridge", "KortexBridgeNode", files + tuple(bridge_files),
                            **bridge_overrides))
     nodes.append(_node("state_ingest_node", "state_ingest", "StateIngestNode", files, **rate))
+    camera = camera_settings(args.policy, root) if args.use_camera else {}
     if args.use_camera:
-        nodes.append(_node("camera_ingest_node", "camera_ingest", "CameraIngestNode", files, **rate))
+        nodes.append(_node("camera_ingest_node", "camera_ingest", "CameraIngestNode", files, **rate,
+                           **camera.get("camera_ingest", {})))
     policy = {"policy": args.policy} if args.policy else {}
     nodes.append(_node("policy_node", "policy", "PolicyNode", files, catalog_root=str(root),
                        teacher_fallback=args.teacher_fallback, **policy, **rate))
     if args.teacher_fallback:
         nodes.append(_node("teacher_node", "teacher", "TeacherNode", files, catalog_root=str(root)))
     for spec in nodes:
+        if spec.name == "sim":
+            spec.overrides.update(camera.get("sim", {}))
         spec.overrides.update((overrides or {}).get(spec.name, {}))
     unknown = set(overrides or {}) - {n.name for n in nodes}
     if unknown:

@@ -50,6 +50,12 @@ def load_model(name_or_path: str | None, *, root: str | Path | None = None, intr
     except ValueError as err:  # UnknownPolicyError, CatalogError
         raise PolicyLoadError(str(err)) from None
     try:
+        if entry.onnx is not None and entry.onnx.is_file() and entry.inputs == "image":
+            from koopman_policy.onnx_image_policy import OnnxImagePolicy
+
+            model = OnnxImagePolicy(entry.onnx, providers=providers, intra_op_threads=intra_op_threads, seed=seed,
+                                    expected_sha256=entry.expected_sha256("onnx"))
+            return model, entry.name, str(entry.onnx)
         if entry.onnx is not None and entry.onnx.is_file():
             model = OnnxPolicy(entry.onnx, providers=providers, intra_op_threads=intra_op_threads, seed=seed,
                                expected_sha256=entry.expected_sha256("onnx"))
@@ -86,6 +92,8 @@ class PolicyRunner:
         self.ood_threshold = ood_threshold if ood_threshold is not None and ood_threshold > 0 else m.ood_threshold
         self.lower = np.asarray(m.action_limit_low, dtype=np.float64) - self.limit_margin
         self.upper = np.asarray(m.action_limit_high, dtype=np.float64) + self.limit_margin
+        # Camera policies also read an image history (To, h, w, 3) in [0, 1] from the camera ingest.
+        self.image_size: tuple[int, int] | None = getattr(model, "image_size", None)
         self.episode: int | None = None
         self.noise = np.zeros((m.horizon, m.action_dim), np.float32)
         self._perm_cache: dict[tuple[str, ...], np.ndarray] = {}
@@ -115,14 +123,18 @@ class PolicyRunner:
         if not m.control_dt > 0:
             raise PolicyLoadError(f"policy {self.name!r}: control_dt {m.control_dt} is not positive")
 
-    def probe(self, history: np.ndarray, names: Sequence[str], calls: int = 3) -> float:
+    def probe(self, history: np.ndarray, names: Sequence[str], calls: int = 3,
+              image: np.ndarray | None = None) -> float:
         """Run a real observation through the model; raise PolicyLoadError if the output is unusable.
 
-        Returns the median call time in seconds (the caller compares it with its deadline).
+        A camera policy without a real image yet is probed on a uniform grey history. Returns the median
+        call time in seconds (the caller compares it with its deadline).
         """
+        if self.image_size is not None and (image is None or image.shape[1:3] != self.image_size):
+            image = np.full((self.meta.n_obs_steps, *self.image_size, 3), 0.5, np.float32)
         times = []
         for _ in range(calls):
-            res = self.step(history, names)
+            res = self.step(history, names, image=image)
             if not res.health.ok and res.health.kind != "ood":
                 raise PolicyLoadError(f"policy {self.name!r} fails on the current observation: {res.health.reason}")
             times.append(res.compute_s)
@@ -151,8 +163,11 @@ class PolicyRunner:
             raise ValueError(f"observation history {history.shape} has fewer than {to} steps")
         return history[-to:, perm]
 
-    def step(self, history: np.ndarray, names: Sequence[str], budget_s: float | None = None) -> StepResult:
+    def step(self, history: np.ndarray, names: Sequence[str], budget_s: float | None = None,
+             image: np.ndarray | None = None) -> StepResult:
         """One call: raw history ``(T >= n_obs_steps, D)`` with column ``names`` -> chunk and health.
+
+        ``image`` is the image history a camera policy needs (ignored by state policies).
 
         ``budget_s`` is the deadline of the call itself: a late observation (a stall upstream) is the
         transport's miss, counted by the node, and no reason to distrust the student.
@@ -162,8 +177,13 @@ class PolicyRunner:
             obs = self._select(np.asarray(history, dtype=np.float32), names)
         except ValueError as err:
             return StepResult(None, None, 0.0, Health(False, f"observation: {err}", "shape"))
+        if self.image_size is not None and image is None:
+            return StepResult(None, None, 0.0, Health(False, f"{self.name} needs an image observation", "shape"))
         try:
-            chunk = np.asarray(self.model.predict_action(obs, noise=self.noise))
+            if self.image_size is not None:
+                chunk = np.asarray(self.model.predict_action(image, obs, noise=self.noise))
+            else:
+                chunk = np.asarray(self.model.predict_action(obs, noise=self.noise))
         except Exception as err:  # any failure of the student is a fallback reason, never a crash
             dt = time.perf_counter() - t0
             return StepResult(None, None, dt, Health(False, f"{self.name} raised {type(err).__name__}: {err}",

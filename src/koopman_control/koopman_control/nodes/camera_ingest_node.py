@@ -2,7 +2,8 @@
 
 Each message is one ``sensor_msgs/Image`` with encoding ``32FC3``: the history of ``n_obs_steps`` frames,
 resized to ``height x width`` and normalised ``(x/255 - mean) / std``, stacked vertically oldest first
-(image height = n_obs_steps * height); ``header.stamp`` is the newest frame's capture stamp. The camera
+(image height = n_obs_steps * height); ``header.stamp`` is the newest frame's capture stamp and
+``header.frame_id`` is ``episode_<id>``, as on the state observations. The camera
 must run at least at the policy rate: a tick without a new, fresh frame stops the flow instead of
 re-sending an old frame as new.
 """
@@ -68,7 +69,7 @@ class CameraIngestNode(KoopmanNode):
     def _tick(self) -> None:
         obs = self.builder.tick(self.get_clock().now().nanoseconds)
         if obs is not None:
-            self.pub.publish(convert.float_image_msg(obs.stamp_ns, obs.history))
+            self.pub.publish(convert.float_image_msg(obs.stamp_ns, obs.history, f"episode_{obs.episode}"))
         st = self.builder.status
         if st is not self._last_status and st in (InputStatus.STALE, InputStatus.INVALID):
             self.get_logger().error(f"image observations stopped: {self.builder.reason}")

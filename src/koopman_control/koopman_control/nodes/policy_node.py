@@ -1,7 +1,8 @@
 """Runs the selected student on every observation and publishes its action chunk; falls back to the teacher.
 
 Topics (names are parameters, because the control path lives on a companion node, see below):
-  in  ``/policy/observation`` (JointTrajectory, from state_ingest), ``/teacher/action_chunk`` (teacher_node)
+  in  ``/policy/observation`` (JointTrajectory, from state_ingest), ``/teacher/action_chunk`` (teacher_node),
+      ``/policy/image_observation`` (32FC3 image history from camera_ingest; read by camera policies only)
   out ``/policy/action_chunk`` (JointTrajectory: header.stamp = observation stamp, points from
       time_from_start 0 every control_dt), ``/policy/mode`` (latched std_msgs/String), ``/diagnostics``
 
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
+from sensor_msgs.msg import Image
 from std_msgs.msg import String
 from trajectory_msgs.msg import JointTrajectory
 
@@ -108,6 +110,9 @@ class PolicyNode(KoopmanNode):
         self.declare("chunk_topic", "/policy/action_chunk", "action chunk output", read_only=True)
         self.declare("teacher_chunk_topic", "/teacher/action_chunk", "teacher chunk input", read_only=True)
         self.declare("mode_topic", "/policy/mode", "mode output (latched)", read_only=True)
+        self.declare("image_topic", "/policy/image_observation", "image observation input", read_only=True)
+        self.declare("max_image_age", 0.25, "camera policies: the newest image observation of the same episode "
+                                             "serves a tick when its stamp is at most this far (s) from the tick's")
         self.obs_names = list(OBS_NAMES)
         self.joint_names = list(JOINT_NAMES)
         self.period_ns = round(NS / self.param("policy_rate"))
@@ -144,6 +149,9 @@ class PolicyNode(KoopmanNode):
         self._plan_key: tuple[int, Mode] | None = None
         self._teacher_latest: JointTrajectory | None = None
         self._awaiting_teacher: tuple[int, int] | None = None  # (stamp, episode) of a fallback tick without a plan
+        self._image: tuple[int, int, np.ndarray] | None = None  # newest image observation: stamp, episode, frames
+        self.image_gaps = 0  # camera policy ticks without a fresh image observation
+        self.image_error = ""
 
         try:
             runner = load_runner(self, self.param("policy"))
@@ -166,6 +174,7 @@ class PolicyNode(KoopmanNode):
                                          qos.CONTROL)
         self.control.create_subscription(JointTrajectory, self.param("observation_topic"), self._on_observation,
                                          qos.CONTROL)
+        self.control.create_subscription(Image, self.param("image_topic"), self._on_image, qos.CONTROL)
         self._published_mode: Mode | None = None
         self._publish_mode()
         self.start_diagnostics()
@@ -177,7 +186,7 @@ class PolicyNode(KoopmanNode):
     def _validate(self, runner: PolicyRunner) -> None:
         runner.check_interface(self.obs_names, self.joint_names, self.param("history_steps"))
         hist, names = probe_input(runner, self._last_obs)
-        median_s = runner.probe(hist, names)
+        median_s = runner.probe(hist, names, image=self._image[2] if self._image is not None else None)
         deadline = self.deadline_ns() / 1e9
         if median_s > deadline:
             raise PolicyLoadError(f"policy {runner.name!r} is too slow for {self.param('policy_rate'):g} Hz: "
@@ -287,7 +296,17 @@ class PolicyNode(KoopmanNode):
         runner.new_episode(episode)
         if self.supervisor.mode is not Mode.FALLBACK and self._continue_plan(episode, runner, stamp):
             return
-        res = runner.step(hist, names, budget_s=self.deadline_ns() / NS)
+        image = None
+        if runner.image_size is not None:
+            image = self._paired_image(stamp, episode, runner)
+            if image is None:  # the camera stopped or lags: keep to the current plan, never reuse an old frame
+                self.image_gaps += 1
+                self.get_logger().warning(f"no image observation for this tick: {self.image_error}",
+                                          throttle_duration_sec=2.0)
+                if self.supervisor.mode is Mode.FALLBACK and not self._continue_plan(episode, runner, stamp):
+                    self._await_teacher(stamp, episode)
+                return
+        res = runner.step(hist, names, budget_s=self.deadline_ns() / NS, image=image)
         self.compute.add(res.compute_s * 1e3)
         self.last_ood = res.ood_score
         if res.health.kind == "deadline":
@@ -304,9 +323,49 @@ class PolicyNode(KoopmanNode):
             _, points = published_points(res.chunk, m.n_obs_steps, m.control_dt)
             self._adopt_plan(points, m.control_dt, (episode, mode), stamp)
         elif mode is Mode.FALLBACK and not self._continue_plan(episode, runner, stamp):
-            self._awaiting_teacher = (stamp, episode)
-            if self._teacher_latest is not None:
-                self._take_teacher_plan(self._teacher_latest)
+            self._await_teacher(stamp, episode)
+
+    def _await_teacher(self, stamp: int, episode: int) -> None:
+        self._awaiting_teacher = (stamp, episode)
+        if self._teacher_latest is not None:
+            self._take_teacher_plan(self._teacher_latest)
+
+    def _on_image(self, msg: Image) -> None:
+        steps = self.param("history_steps")
+        if msg.encoding != "32FC3" or msg.height % steps or len(msg.data) != msg.height * msg.width * 12:
+            self.image_error = (f"image observation refused: {msg.encoding} {msg.width}x{msg.height} is not a "
+                                f"32FC3 history of {steps} frames")
+            self._image = None
+            return
+        h = msg.height // steps
+        hist = np.frombuffer(bytes(msg.data), dtype="<f4").reshape(steps, h, msg.width, 3)
+        self._image = (convert.from_time(msg.header.stamp), episode_of(msg.header.frame_id), hist)
+
+    def _paired_image(self, stamp: int, episode: int, runner: PolicyRunner) -> np.ndarray | None:
+        """The newest image observation if it can serve this tick: same episode, stamp within ``max_image_age``.
+
+        The camera ingest ticks on its own timer, so its newest observation trails a state tick by up to one
+        policy period plus the frame's age (at a 20 Hz camera and a 10 Hz policy, up to about 170 ms
+        measured). Within an episode the camera mainly shows where target and pillar are, which do not move,
+        while the joint state comes from the state observation of the tick itself.
+        """
+        if self._image is None:
+            self.image_error = self.image_error or "no image observation yet (is camera_ingest running?)"
+            return None
+        img_stamp, img_episode, hist = self._image
+        if img_episode != episode:
+            self.image_error = f"newest image observation is from episode {img_episode}, the tick from {episode}"
+            return None
+        gap_s = abs(stamp - img_stamp) / NS
+        if gap_s > self.param("max_image_age"):
+            self.image_error = f"newest image observation is {gap_s * 1e3:.0f} ms from the state observation"
+            return None
+        if hist.shape[1:3] != runner.image_size or len(hist) < runner.meta.n_obs_steps:
+            self.image_error = (f"image observation {hist.shape[2]}x{hist.shape[1]} does not match policy "
+                                f"{runner.name!r} ({runner.image_size[1]}x{runner.image_size[0]})")
+            return None
+        self.image_error = ""
+        return hist[-runner.meta.n_obs_steps:]
 
     def _continue_plan(self, episode: int, runner: PolicyRunner, stamp: int) -> bool:
         """Follow the current plan this tick (True), or let the caller make a new one (False)."""
@@ -363,7 +422,7 @@ class PolicyNode(KoopmanNode):
             st.reset()
         self.tick_rate.reset()
         self.ticks = self.missed_ticks = self.deadline_misses = self.published = self.teacher_plans = 0
-        self.bad_observations = 0
+        self.bad_observations = self.image_gaps = 0
         self.supervisor.fallback_events = 0
         self.supervisor.unhealthy_by_kind.clear()
 
@@ -383,6 +442,7 @@ class PolicyNode(KoopmanNode):
             "teacher_plans": self.teacher_plans,
             "swaps": self.swaps,
             "bad_observations": self.bad_observations,
+            "image_gaps": self.image_gaps,
             "latency_ms": self.latency.summary(),
             "student_latency_ms": self.student_latency.summary(),
             "teacher_latency_ms": self.teacher_latency.summary(),
@@ -419,7 +479,8 @@ class PolicyNode(KoopmanNode):
             "rate_hz": rate["rate_hz"], "latency_p50_ms": lat["p50"], "latency_p99_ms": lat["p99"],
             "missed_ticks": self.missed_ticks, "deadline_misses": self.deadline_misses,
             "fallback_events": sup.fallback_events, "last_unhealthy": sup.last_reason,
-            "ood_score": self.last_ood, "watchdog": watchdog})]
+            "ood_score": self.last_ood, "watchdog": watchdog, "image_gaps": self.image_gaps,
+            "image_error": self.image_error})]
 
 
 def main(args: list[str] | None = None) -> int:
