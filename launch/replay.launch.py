@@ -3,9 +3,10 @@ stand in for the arm, and the stack (ingest, policy, teacher) runs on them as it
 
     ros2 launch koopman_control replay.launch.py bag:=runs/episode_12 policy:=kdm rate:=1.0
 
-The same nodes as ``kinova.launch.py`` minus the robot (``koopman_control.stack.build_stack``), plus the bag
-player of ``koopman-control replay-live`` (:func:`koopman_control.bag.cli.player_spec`). The launch ends when
-the player has published the bag's last message (``exit_when_done``, default true).
+The same nodes as ``kinova.launch.py`` minus the robot (``koopman_control.stack.build_stack``), planning on every
+tick as ``replay-live`` does (``REPLAY_OVERRIDES``), plus the bag player of ``koopman-control replay-live``
+(:func:`koopman_control.bag.cli.player_spec`). The launch ends when the player has published the bag's last
+message (``exit_when_done``, default true).
 """
 
 import sys
@@ -34,7 +35,7 @@ ARGUMENTS = {
 def _nodes(context, *args, **kwargs):
     from ament_index_python.packages import get_package_share_directory
 
-    from koopman_control.bag.cli import player_spec
+    from koopman_control.bag.cli import REPLAY_OVERRIDES, player_spec
     from koopman_control.stack import PACKAGE, StackArgs, StackError, build_stack
 
     v = {name: LaunchConfiguration(name).perform(context) for name in ARGUMENTS}
@@ -42,7 +43,8 @@ def _nodes(context, *args, **kwargs):
         raise StackError("replay.launch.py needs bag:=PATH")
     stack_args = StackArgs.from_strings({k: v[k] for k in ("policy", "teacher_fallback", "policy_rate")})
     root = get_package_share_directory(PACKAGE)
-    specs = [s for s in build_stack(stack_args, root=root) if s.name not in ("sim", "kortex_bridge")]
+    specs = [s for s in build_stack(stack_args, root=root, overrides=REPLAY_OVERRIDES)
+             if s.name not in ("sim", "kortex_bridge")]
     actions = [
         Node(package=PACKAGE, executable=s.executable, name=s.name,
              parameters=[*(str(f) for f in s.param_files), s.overrides], output="screen", emulate_tty=True)

@@ -88,6 +88,12 @@ def cmd_replay(ns: argparse.Namespace) -> int:
 
 
 # -- replay-live ----------------------------------------------------------------------------------------------------
+#: Stack parameters of a live replay (``replay-live`` and ``replay.launch.py``). A replay asks how the policy
+#: answers each recorded observation, so it plans on every tick rather than following a plan for
+#: n_action_steps ticks (which would make a chunk depend on the plan's phase, not on the observation).
+REPLAY_OVERRIDES: dict[str, dict[str, Any]] = {"policy": {"execute_steps": 1}}
+
+
 def cmd_replay_live(ns: argparse.Namespace) -> int:
     """The bag's sensor topics played into the in-process stack (no sim), optionally recording the result."""
     import rclpy
@@ -100,10 +106,7 @@ def cmd_replay_live(ns: argparse.Namespace) -> int:
     if not 0 < ns.rate <= 100:
         raise ValueError(f"--rate must be in (0, 100], got {ns.rate}")
     args = StackArgs(use_sim=True, policy=ns.policy or "", teacher_fallback=ns.teacher_fallback)
-    # A replay asks how the policy answers each recorded observation, so it plans on every tick rather than
-    # following a plan for n_action_steps ticks (which would make a chunk depend on the plan's phase).
-    replan = {"policy": {"execute_steps": 1}}
-    specs = [s for s in build_stack(args, overrides=replan) if s.name not in ("sim", "kortex_bridge")]
+    specs = [s for s in build_stack(args, overrides=REPLAY_OVERRIDES) if s.name not in ("sim", "kortex_bridge")]
     specs.append(player_spec(ns.bag, ns.rate, _topics(ns.topics)))
     ctx = rclpy.Context()
     rclpy.init(context=ctx, domain_id=ns.domain_id, signal_handler_options=SignalHandlerOptions.NO)

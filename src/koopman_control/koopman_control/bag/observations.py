@@ -11,11 +11,15 @@ order all four topics share. At equal log times target/pillar come first, then t
 states, as the ingest's executor serves them. Staleness is judged against each sample's own stamp ("received on
 time"): the age the live ingest saw is a property of that run's transport, not of the recorded data.
 
-Limits: the live ingest anchors its tick grid on the first sample it ever saw. The rebuild re-anchors on a
-recorded tick (:func:`default_anchor`), which fixes the grid to within one feedback period; where the live grid
-point fell between two samples a rebuilt tick can land one sample (2 ms at 500 Hz) away from the live one. A
-stale-input fault or a sample the live ingest lost is not visible in the recorded stamps either. Replays
-therefore use the recorded ``/policy/observation`` when it exists and report how well the rebuild agrees.
+Limits: the live ingest anchors its tick grid on the first sample it saw, and again on the first sample of
+every episode. The rebuild anchors on recorded ticks instead: an episode that started while recording starts
+on its first sample (:func:`episode_anchors`); the one already running when recording started starts on a
+recorded tick (:func:`default_anchor`) with its grid phase estimated from all its recorded ticks
+(:func:`grid_phase`), since the grid point itself lies up to one feedback period before its tick sample.
+Without recorded observations the grid is fixed to within one feedback period only, and a rebuilt tick can land
+one sample (2 ms at 500 Hz) away from the live one. A stale-input fault or a sample the live ingest lost is
+not visible in the recorded stamps either. Replays therefore use the recorded ``/policy/observation`` when it
+exists and report how well the rebuild agrees.
 """
 
 from __future__ import annotations
@@ -83,14 +87,43 @@ def default_anchor(run: RecordedRun) -> int | None:
     return None
 
 
+def episode_anchors(run: RecordedRun) -> dict[int, int]:
+    """Per episode, the sample the live ingest started it on: the oldest step of its first recorded observation
+    (padded at an episode start, so that step is the episode's first sample), when the bag has that sample."""
+    recorded = set(run.js_stamp_ns.tolist())
+    out: dict[int, int] = {}
+    for o in run.observations:
+        first = int(o.stamps_ns.min())
+        if o.episode not in out and first in recorded:
+            out[o.episode] = first
+    return out
+
+
+def grid_phase(run: RecordedRun, episode: int, period_ns: int, tol_ns: int) -> int | None:
+    """A point of the live tick grid in ``episode``: the latest instant consistent with every recorded tick.
+
+    Each live tick is the first sample at or after its grid point less ``tol_ns``, so grid point k is at most
+    ``tick_k + tol_ns``; the latest grid meeting all those bounds reproduces every recorded tick.
+    """
+    ticks = sorted(o.stamp_ns for o in run.observations if o.episode == episode)
+    if not ticks:
+        return None
+    s0 = ticks[0]
+    return min(s - round((s - s0) / period_ns) * period_ns for s in ticks) + tol_ns
+
+
 def rebuild(run: RecordedRun, n_obs_steps: int, policy_rate_hz: float, use_task: bool = True,
             anchor_ns: int | str | None = "auto", clock: str = "stamp") -> Rebuilt:
     """Every observation the ingest would have published for this run, with its newest sample's index.
 
     Joint states stamped before ``anchor_ns`` are not fed (``"auto"``: :func:`default_anchor`). The observation
     emitted at the anchor itself is a warm-up (its history is padded, the live one was not) and is left out.
+    With ``"auto"``, each later episode also starts on its recorded first sample (:func:`episode_anchors`).
     """
-    anchor = default_anchor(run) if anchor_ns == "auto" else anchor_ns
+    auto = anchor_ns == "auto"
+    anchor = default_anchor(run) if auto else anchor_ns
+    starts = episode_anchors(run) if auto else {}
+    episode_start: int | None = None
     # Was the live history at the anchor padded too (an episode start)? Then the first observation is real.
     live = next((o for o in run.observations if o.stamp_ns == anchor), None)
     if live is not None:
@@ -98,6 +131,11 @@ def rebuild(run: RecordedRun, n_obs_steps: int, policy_rate_hz: float, use_task:
     else:
         warmup = anchor is not None and len(run.js_stamp_ns) > 0 and anchor > int(run.js_stamp_ns[0])
     b = StateObservationBuilder(run.joint_names, n_obs_steps, policy_rate_hz, use_task=use_task)
+    # The episode the anchor tick belongs to was already running live, whenever the recorder got its latched id.
+    first = next((o for o in run.observations if anchor is not None and int(o.stamps_ns.min()) == anchor), None)
+    if first is not None:
+        b.set_episode(first.episode)
+    phase = grid_phase(run, first.episode, b.period_ns, b.tol_ns) if first is not None and auto else None
     names = list(run.joint_names)
     out: list[Observation] = []
     idx: list[int] = []
@@ -107,12 +145,15 @@ def rebuild(run: RecordedRun, n_obs_steps: int, policy_rate_hz: float, use_task:
             b.set_task(**{which: xyz})
         elif kind == _EPISODE:
             b.set_episode(int(payload))  # type: ignore[arg-type]
+            episode_start = starts.get(int(payload))  # type: ignore[arg-type]
         else:
             stamp = int(run.js_stamp_ns[k])
-            if anchor is not None and stamp < anchor:
+            if (anchor is not None and stamp < anchor) or (episode_start is not None and stamp < episode_start):
                 continue
             now = int(run.js_log_ns[k]) if clock == "log" else stamp
             obs = b.on_joint_state(names, run.q[k], run.qd[k], stamp, now)
+            if stamp == anchor and phase is not None:
+                b.align_grid(phase)
             if obs is not None and not (stamp == anchor and obs.padded and not out and warmup):
                 out.append(obs)
                 idx.append(k)

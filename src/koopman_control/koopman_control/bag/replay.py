@@ -347,7 +347,10 @@ def replay(run: RecordedRun, policies: Sequence[str], *, teacher: str = "auto", 
         diffs = [float(np.abs(rec_obs[o.stamp_ns].history[-o.history.shape[0]:] - o.history).max())
                  for o in rb.observations if o.stamp_ns in rec_obs
                  and rec_obs[o.stamp_ns].history.shape[0] >= o.history.shape[0]]
+        # Recording starts and stops while the stack runs: compare counts over the recorded observations' span.
+        lo, hi = min(rec_obs), max(rec_obs)
         obs_check.update(recorded_count=len(run.observations), matched=len(diffs),
+                         rebuilt_in_span=sum(lo <= o.stamp_ns <= hi for o in rb.observations),
                          identical=sum(d == 0.0 for d in diffs), max_abs_diff=max(diffs) if diffs else None)
 
     teacher_ref: list[np.ndarray | None] = [None] * k_total

@@ -150,6 +150,13 @@ class StateObservationBuilder:
             self._pad_next = True
             self._next_tick_ns = None
 
+    def align_grid(self, grid_ns: int) -> None:
+        """Put the tick grid on ``grid_ns + k * period`` from the newest sample on (a replay reconstructing the
+        grid a live ingest anchored before its recording started)."""
+        if self.last_state_stamp_ns is not None:
+            k = (self.last_state_stamp_ns + self.tol_ns - grid_ns) // self.period_ns + 1
+            self._next_tick_ns = grid_ns + k * self.period_ns
+
     def on_joint_state(
         self, names: Sequence[str], position: Sequence[float], velocity: Sequence[float], stamp_ns: int,
         now_ns: int,
