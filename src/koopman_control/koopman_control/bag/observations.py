@@ -24,6 +24,7 @@ exists and report how well the rebuild agrees.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from koopman_control.bag.reader import RecordedRun
@@ -99,16 +100,15 @@ def episode_anchors(run: RecordedRun) -> dict[int, int]:
     return out
 
 
-def grid_phase(run: RecordedRun, episode: int, period_ns: int, tol_ns: int) -> int | None:
-    """A point of the live tick grid in ``episode``: the latest instant consistent with every recorded tick.
+def grid_phase(ticks: Sequence[int], period_ns: int, tol_ns: int) -> int | None:
+    """A point of a live tick grid from tick stamps on it: the latest instant consistent with every tick.
 
     Each live tick is the first sample at or after its grid point less ``tol_ns``, so grid point k is at most
     ``tick_k + tol_ns``; the latest grid meeting all those bounds reproduces every recorded tick.
     """
-    ticks = sorted(o.stamp_ns for o in run.observations if o.episode == episode)
-    if not ticks:
+    if not len(ticks):
         return None
-    s0 = ticks[0]
+    s0 = min(ticks)
     return min(s - round((s - s0) / period_ns) * period_ns for s in ticks) + tol_ns
 
 
@@ -135,7 +135,10 @@ def rebuild(run: RecordedRun, n_obs_steps: int, policy_rate_hz: float, use_task:
     first = next((o for o in run.observations if anchor is not None and int(o.stamps_ns.min()) == anchor), None)
     if first is not None:
         b.set_episode(first.episode)
-    phase = grid_phase(run, first.episode, b.period_ns, b.tol_ns) if first is not None and auto else None
+    phase = None
+    if first is not None and auto:
+        ticks = [o.stamp_ns for o in run.observations if o.episode == first.episode]
+        phase = grid_phase(ticks, b.period_ns, b.tol_ns)
     names = list(run.joint_names)
     out: list[Observation] = []
     idx: list[int] = []
