@@ -16,7 +16,7 @@ import torch
 
 import koopman_sim
 from koopman_distill.data import episode_windows
-from koopman_distill.evaluate import RolloutStats, mmd_to_teacher, rollout, teacher_reference
+from koopman_distill.evaluate import NOISE, RolloutStats, mmd_to_teacher, rollout, teacher_reference
 from koopman_distill.runners import load_runner
 
 
@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mmd-obs", type=int, default=32)
     p.add_argument("--mmd-draws", type=int, default=32)
     p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto")
+    p.add_argument("--noise-per", choices=("episode", "decision"), default=None,
+                   help="hold each episode's noise or redraw it per decision (default: the task's convention, "
+                        "see koopman_distill.evaluate)")
     p.add_argument("--update-cards", action="store_true",
                    help="record each policy's results in its model card under 'evaluation'")
     p.set_defaults(func=run)
@@ -160,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     reference = teacher_reference(teacher, obs, args.mmd_draws, args.seed)
     results, stats = {}, {}
     for name, runner in runners.items():
-        stats[name] = rollout(runner, args.episodes, args.seed, task=args.task)
+        stats[name] = rollout(runner, args.episodes, args.seed, task=args.task, noise_per=args.noise_per)
         results[name] = {
             "task": args.task,
             "method": runner.method,
@@ -179,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
             if runner.card is not None and runner.card.is_file():
                 card = json.loads(runner.card.read_text())
                 card["evaluation"] = {"command": args.command_line, "task": args.task, "seed": args.seed,
+                                      "noise_per": args.noise_per or NOISE[args.task],
                                       **results[name]}
                 runner.card.write_text(json.dumps(card, indent=2) + "\n")
     print(table)
