@@ -145,9 +145,24 @@ def _sigterm(*_: Any) -> None:
     raise _Stop()
 
 
-def cmd_run(ns: argparse.Namespace) -> int:
+def _supervise(stack: Any, duration: float, **run_kw: Any) -> tuple[dict[str, Any], int]:
+    """Run the stack for ``duration`` s (0: until Ctrl-C or SIGTERM), then stop it: (summary, exit code)."""
     from koopman_control.bringup import run_for
 
+    code = 0
+    try:
+        run_for(stack, duration if duration > 0 else float("inf"), **run_kw)
+    except (KeyboardInterrupt, _Stop):
+        pass
+    except Exception as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        code = 1
+    finally:
+        summary = _shutdown(stack)
+    return summary, code
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
     stack = _start(ns, {"sim": {"auto_reset": True}})
     tty = sys.stdout.isatty()
     last_print = [0.0]
@@ -161,16 +176,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
             print(line, flush=True)
             last_print[0] = time.monotonic()
 
-    code = 0
-    try:
-        run_for(stack, ns.duration if ns.duration > 0 else float("inf"), on_tick=show, poll=0.25)
-    except (KeyboardInterrupt, _Stop):
-        pass
-    except Exception as err:
-        print(f"\nerror: {err}", file=sys.stderr)
-        code = 1
-    finally:
-        summary = _shutdown(stack)
+    summary, code = _supervise(stack, ns.duration, on_tick=show, poll=0.25)
     if tty:
         print()
     lat = summary["latency_ms"]
@@ -181,21 +187,11 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
 
 def cmd_bringup(ns: argparse.Namespace, bench: bool = False) -> int:
-    from koopman_control.bringup import TARGETS, meets_targets, run_for
+    from koopman_control.bringup import TARGETS, meets_targets
 
-    extra = {"sim": {"auto_reset": True}}
-    stack = _start(ns, extra)
+    stack = _start(ns, {"sim": {"auto_reset": True}})
     t0 = time.monotonic()
-    code = 0
-    try:
-        run_for(stack, ns.duration if ns.duration > 0 else float("inf"), warmup=ns.warmup)
-    except (KeyboardInterrupt, _Stop):
-        pass
-    except Exception as err:
-        print(f"error: {err}", file=sys.stderr)
-        code = 1
-    finally:
-        m = _shutdown(stack)
+    m, code = _supervise(stack, ns.duration, warmup=ns.warmup)
     m = {"duration_s": round(time.monotonic() - t0 - ns.warmup, 3), "warmup_s": ns.warmup,
          "policy_rate_hz": float(ns.policy_rate) if ns.policy_rate else None, **m}
     if bench:
