@@ -155,12 +155,7 @@ def run_teacher(args: argparse.Namespace) -> int:
     trained, metrics = train(policy, demos.tensors, train_config(args), args.out, args.resume,
                              desc="camera-teacher")
     card = {
-        "name": args.out.name,
-        "method": trained.method,
-        "command": _command(args),
-        "inputs": "image",
-        "camera": config.camera,
-        "image_size": [config.image_height, config.image_width],
+        **_card_head(args, trained, config),
         "data": {"path": str(args.data), "sha256": demos.sha256, "samples": len(demos.tensors[STATE_KEY]),
                  "episodes": demos.episodes},
         "commit": git_commit(),
@@ -174,6 +169,12 @@ def run_teacher(args: argparse.Namespace) -> int:
     print(f"camera-teacher: {trained.num_parameters()} parameters, final loss {metrics['final_loss']:.4f}, "
           f"{metrics['train_seconds']} s -> {args.out}")
     return 0
+
+
+def _card_head(args: argparse.Namespace, policy: Any, config: Any) -> dict[str, Any]:
+    """The model card fields every camera policy starts with: what it is and which frames it sees."""
+    return {"name": args.out.name, "method": policy.method, "command": _command(args), "inputs": "image",
+            "camera": config.camera, "image_size": [config.image_height, config.image_width]}
 
 
 def _load_image_policy(path: Path, cls: type) -> Any:
@@ -248,12 +249,7 @@ def run_student(args: argparse.Namespace) -> int:
     trained, metrics = train(policy, tensors, train_config(args), args.out, args.resume, desc="camera-student")
     threshold = ood_threshold(trained, tensors, data.states[:, 0])
     card = {
-        "name": args.out.name,
-        "method": trained.method,
-        "command": _command(args),
-        "inputs": "image",
-        "camera": config.camera,
-        "image_size": [config.image_height, config.image_width],
+        **_card_head(args, trained, config),
         "teacher": {"path": str(args.teacher), "sha256": data.attrs.get("teacher_sha256", "")},
         "data": {"path": str(args.teacher_data), "sha256": data.sha256, "dataset_path": str(args.data),
                  "dataset_sha256": demos.sha256, "trajectories": len(data.obs)},
