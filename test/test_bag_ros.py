@@ -35,6 +35,36 @@ def domain() -> int:
     return random.randint(20, 99)  # 0..101 are safe on Linux (higher ids collide with ephemeral ports)
 
 
+def check_with_reference_mcap_reader(bag: Path, meta: dict) -> None:
+    """Foxglove's MCAP reader and ROS 2 decoder (the library family rosbag2's MCAP plugin builds on, not the one
+    that wrote the bag) read every message, decode it from CDR with the schemas stored in the file, and count as
+    many per topic as metadata.yaml says."""
+    from collections import Counter
+
+    from mcap.reader import make_reader
+    from mcap_ros2.decoder import DecoderFactory
+
+    (mcap_file,) = bag.glob("*.mcap")
+    counts: Counter[str] = Counter()
+    first_js = None
+    with mcap_file.open("rb") as f:
+        reader = make_reader(f, decoder_factories=[DecoderFactory()])
+        assert reader.get_header().profile == "ros2"
+        summary = reader.get_summary()
+        assert {s.encoding for s in summary.schemas.values()} == {"ros2msg"}
+        assert all(c.message_encoding == "cdr" and "offered_qos_profiles" in c.metadata
+                   for c in summary.channels.values())
+        for _schema, channel, _msg, decoded in reader.iter_decoded_messages():
+            counts[channel.topic] += 1
+            if channel.topic == T.JOINT_STATES and first_js is None:
+                first_js = decoded
+    assert counts == {t["topic_metadata"]["name"]: t["message_count"] for t in meta["topics_with_message_count"]
+                      if t["message_count"]}
+    run = load_run(bag)
+    assert list(first_js.name) == list(run.joint_names)
+    assert np.allclose(first_js.position, run.q[0]) and np.allclose(first_js.velocity, run.qd[0])
+
+
 @pytest.fixture(scope="module")
 def bc_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     from koopman_control.testing import export_untrained
@@ -76,6 +106,7 @@ def test_record_live_stack_and_replay_it(tmp_path: Path, bc_model: str) -> None:
     for topic, h in hashes.items():
         assert written[topic] == str(h), topic
     assert meta["storage_identifier"] == "mcap" and meta["version"] == 9
+    check_with_reference_mcap_reader(bag, meta)
     latched = info.topics[T.TARGET].qos[0]
     assert latched["durability"] == "transient_local"
 
