@@ -17,6 +17,11 @@ needed) or, when the disc is on the contact's push line, pushes by the predicted
 
 Variety: each episode draws the length scale, travel cost and standoff from small ranges, so demonstrations
 of one start state differ in which side the T is pushed from.
+
+Measured (``koopman-sim collect --task pusht --episodes 300 --seed 0``, 300-step episodes): success
+(coverage > 0.95) 0.76, mean max coverage 0.93, 19.8 s per episode on average, about 0.2 s of CPU each. The
+failures are mostly fine alignment that stalls at 0.91-0.95 coverage (1-3 px, 1-3 degrees off) and a few
+blocks pinned against a wall, where the pushes the error asks for have no room.
 """
 
 from __future__ import annotations
