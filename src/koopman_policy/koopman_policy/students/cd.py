@@ -2,21 +2,31 @@
 
 ``f(x, s) = s x + (1 - s) F(x, s, obs)`` meets the boundary condition ``f(x, 1) = x`` exactly, and at
 ``s = 0`` the network gives the chunk itself rather than a correction that must cancel the noise input
-(the form ``x + (1 - s) F`` leaked that noise into the actions). Adjacent
-points of the stored DDIM trajectory are one teacher ODE step apart, so the consistency loss is
-``d(f(x_k, s_k), f⁻(x_{k+1}, s_{k+1}))`` with ``f⁻`` an EMA copy (rate 0.95, as in consistency models)
-and ``d`` the pseudo-Huber distance used by Consistency Policy. The denoising score-matching term that
-Consistency Policy adds is left out: the teacher's trajectories already pin the endpoints.
+(the form ``x + (1 - s) F`` leaked that noise into the actions).
+
+Consistency pairs. A pair is a point ``x_k`` of a stored teacher DDIM trajectory and a later point ``x_u`` of
+the same trajectory, ``u`` drawn uniformly from ``k + 1 .. K``: ``x_u`` is the teacher's ODE solution from
+``s_k`` to ``s_u`` (``u - k`` DDIM steps, as the consistency-trajectory loss of Consistency Policy jumps
+``t -> u``), and the loss is ``|f(x_k, s_k) - f⁻(x_u, s_u)|²`` with ``f⁻`` an EMA copy (rate 0.95, as in
+consistency models); ``u = K`` meets the boundary, where ``f⁻`` returns ``x_K`` itself. Pairs of adjacent
+points only (``u = k + 1``) chain ten regressions back to the noise, and each link blurs its target
+towards the mean of the two detours: on the Gen3 task the one-step chunk MSE to the teacher stayed at 0.09
+at ``s = 0`` (0.0006 at ``s = 0.9``), every episode collided with the pillar. With jumps it is 0.0011.
+The distance is the squared error rather than Consistency Policy's pseudo-Huber: measured at 16000 steps,
+pseudo-Huber (``c = 0.00054 sqrt(d)``) left the mid-trajectory points at twice the error (0.025 against
+0.013 at ``s = 0.5``) and succeeded in 0.47 of 100 episodes against 0.57 (noise redrawn per decision).
+The denoising score-matching term that Consistency Policy adds is left out: the teacher's trajectories
+already pin the endpoints.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from koopman_policy.modeling.layers import SinusoidalEmbedding, mlp
 from koopman_policy.students.common import OneStepStudent, StudentConfig
@@ -62,13 +72,12 @@ class CDPolicy(OneStepStudent):
         states = batch["states"].flatten(2)
         n, steps = states.shape[0], states.shape[1] - 1
         k = torch.randint(0, steps, (n,), device=states.device)
+        u = k + 1 + (torch.rand(n, device=states.device) * (steps - k)).long()  # uniform on k + 1 .. K
         rows = torch.arange(n, device=states.device)
-        s, s_next = k.float() / steps, (k + 1).float() / steps
-        pred = self.consistency(states[rows, k], s, self.cond_encoder(obs_n))
+        pred = self.consistency(states[rows, k], k.float() / steps, self.cond_encoder(obs_n))
         with torch.no_grad():
-            target = self.target(states[rows, k + 1], s_next, self.target_cond_encoder(obs_n))
-        c = 0.00054 * math.sqrt(self.chunk_dim)
-        return (torch.sqrt((pred - target).pow(2).sum(-1) + c * c) - c).mean()
+            target = self.target(states[rows, u], u.float() / steps, self.target_cond_encoder(obs_n))
+        return F.mse_loss(pred, target)
 
     @torch.no_grad()
     def on_train_step(self) -> None:
