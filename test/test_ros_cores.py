@@ -42,6 +42,64 @@ def test_observations_at_policy_rate_from_500hz_samples() -> None:
     assert o.history[1, 0] > o.history[0, 0]  # newest last
 
 
+def test_a_faster_controller_keeps_the_trained_history_spacing() -> None:
+    """At 100 Hz ticks with history_spacing 0.1 s, each observation holds the sample from 0.1 s earlier, as
+    the 10 Hz model was trained; at an episode start it is padded with the first sample."""
+    b = StateObservationBuilder(JOINTS, 2, 100.0, history_spacing_s=0.1)
+    b.set_task(target=[0.6, 0.0, 0.17], pillar=[0.41, 0.0, 0.15])
+    out = [o for k in range(250) if (o := _feed(b, T0 + k * 2 * MS, q=k * 1e-3)) is not None]
+    assert len(out) == 50  # half a second at 100 Hz
+    assert np.all(np.diff([o.stamp_ns for o in out]) == 10 * MS)
+    first = out[0].stamp_ns
+    assert out[0].padded and all(o.stamps_ns[0] == first for o in out[:10])  # the first 0.1 s: episode start
+    assert all(o.stamps_ns[1] - o.stamps_ns[0] == 100 * MS for o in out[10:])
+    assert np.allclose(out[20].history[0, :7], out[10].history[1, :7])
+    with pytest.raises(ValueError, match="whole multiple"):
+        StateObservationBuilder(JOINTS, 2, 15.0, history_spacing_s=0.1)
+
+
+def test_plan_follower_on_the_models_time_grid() -> None:
+    from koopman_control.core.plan import PlanFollower
+
+    points = np.arange(15, dtype=float)[:, None] * np.ones((1, 7))
+    f = PlanFollower()
+    assert f.remaining(T0, "a", 8) is None  # no plan yet
+    f.adopt(points, 0.1, T0, "a")
+    # 10 Hz ticks (with a sample's jitter): tick k publishes point k at once, the rest at their own times.
+    for k in range(8):
+        t = T0 + k * 100 * MS + (MS if k % 2 else -MS) * (k > 0)
+        offsets, rest = f.remaining(t, "a", 8)
+        assert rest[0, 0] == k and offsets[0] == 0
+        assert np.allclose(offsets[1:], (T0 + np.arange(k + 1, 15) * 100 * MS - t) / NS)
+    assert f.remaining(T0 + 800 * MS, "a", 8) is None  # 8 points executed: a new plan is due
+    assert f.remaining(T0 + 100 * MS, "b", 8) is None  # another episode or mode
+    # 100 Hz ticks follow the same plan for the same time, point k active from T0 + k * 0.1 s.
+    actives = [f.remaining(T0 + k * 10 * MS, "a", 8) for k in range(80)]
+    assert all(a is not None for a in actives[:79])
+    assert [a[1][0, 0] for a in actives[:79:10]] == list(range(8))
+    assert f.remaining(T0 + 10 * MS, "a", 1) is None  # execute_steps 1: a new plan at every tick
+
+
+def test_runner_refuses_a_history_spaced_unlike_its_training() -> None:
+    import tempfile
+    from pathlib import Path
+
+    from koopman_control.core.policy_runner import PolicyRunner
+    from koopman_control.testing import export_untrained
+
+    with tempfile.TemporaryDirectory() as d:
+        r = PolicyRunner.load(str(export_untrained("bc", Path(d) / "bc.onnx")))
+    m = r.meta
+    hist = np.tile((np.asarray(m.obs_low) + np.asarray(m.obs_high)) / 2, (m.n_obs_steps, 1)).astype(np.float32)
+    dt = round(m.control_dt * NS)
+    assert r.step(hist, m.obs_names, stamps_ns=np.array([T0, T0 + dt + 2 * MS])).health.ok
+    assert r.step(hist, m.obs_names, stamps_ns=np.array([T0, T0])).health.ok  # padded at an episode start
+    res = r.step(hist, m.obs_names, stamps_ns=np.array([T0, T0 + dt // 10]))
+    assert not res.health.ok and "history_period" in res.health.reason and res.chunk is None
+    # ... unless its older step is the episode's first sample (the first control period of an episode)
+    assert r.step(hist, m.obs_names, stamps_ns=np.array([T0, T0 + dt // 10]), episode_start_ns=T0).health.ok
+
+
 def test_joint_order_follows_names_not_message_order() -> None:
     b = _builder()
     names = list(reversed(JOINTS))

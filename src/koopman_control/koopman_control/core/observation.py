@@ -39,21 +39,29 @@ class Observation:
 
 
 class ObservationHistory:
-    """Fixed-length history of samples spaced one policy period apart.
+    """Fixed-length history of samples pushed once per tick (``period_s``), its steps ``spacing_s`` apart.
 
-    A gap longer than ``period * (1 + gap_tolerance)`` breaks the history (the spacing the policy was trained
-    on no longer holds), so it restarts from the new sample and emits again only when full.
+    The spacing is the model's control period, which the history was trained with; ticks may come faster
+    (a 100 Hz controller for a 10 Hz model, ``spacing_s`` a whole multiple of ``period_s``): the steps are then
+    every ``spacing_s / period_s``-th tick. A gap longer than ``period * (1 + gap_tolerance)`` breaks the
+    history (the spacing no longer holds), so it restarts from the new sample and emits again only when full.
     """
 
-    def __init__(self, n_steps: int, period_s: float, gap_tolerance: float = 0.5) -> None:
+    def __init__(self, n_steps: int, period_s: float, gap_tolerance: float = 0.5,
+                 spacing_s: float | None = None) -> None:
         if n_steps < 1:
             raise ValueError(f"n_steps must be >= 1, got {n_steps}")
         if not period_s > 0:
             raise ValueError(f"period must be positive, got {period_s}")
+        spacing_s = period_s if spacing_s is None else spacing_s
+        ratio = spacing_s / period_s
+        if ratio < 1 - 1e-6 or abs(ratio - round(ratio)) > 0.01:
+            raise ValueError(f"history spacing {spacing_s} s must be a whole multiple of the tick period {period_s} s")
         self.n_steps = int(n_steps)
+        self.stride = round(ratio)
         self.period_ns = round(period_s * NS)
         self.max_gap_ns = round(period_s * (1.0 + gap_tolerance) * NS)
-        self._items: deque[tuple[int, np.ndarray]] = deque(maxlen=self.n_steps)
+        self._items: deque[tuple[int, np.ndarray]] = deque(maxlen=(self.n_steps - 1) * self.stride + 1)
         self.gaps = 0
 
     def clear(self) -> None:
@@ -70,13 +78,14 @@ class ObservationHistory:
             self._items.clear()
         padded = pad and not self._items
         if padded:
-            self._items.extend([(stamp_ns, value)] * self.n_steps)
+            self._items.extend([(stamp_ns, value)] * self._items.maxlen)
         else:
             self._items.append((stamp_ns, value))
-        if len(self._items) < self.n_steps:
+        if len(self._items) < self._items.maxlen:
             return None
-        stamps = np.array([s for s, _ in self._items], dtype=np.int64)
-        hist = np.stack([v for _, v in self._items]).astype(np.float32, copy=False)
+        steps = [self._items[i] for i in range(0, len(self._items), self.stride)]
+        stamps = np.array([s for s, _ in steps], dtype=np.int64)
+        hist = np.stack([v for _, v in steps]).astype(np.float32, copy=False)
         return Observation(stamp_ns, hist, stamps, episode, padded or bool(stamps[0] == stamps[-1]))
 
 
@@ -105,6 +114,7 @@ class StateObservationBuilder:
         max_state_age_s: float = 0.05,
         tick_tolerance_s: float = 0.0005,
         use_task: bool = True,
+        history_spacing_s: float | None = None,
     ) -> None:
         if not policy_rate_hz > 0 or not math.isfinite(policy_rate_hz):
             raise ValueError(f"policy_rate must be a positive number of Hz, got {policy_rate_hz}")
@@ -115,7 +125,7 @@ class StateObservationBuilder:
         self.max_age_ns = round(max_state_age_s * NS)
         self.tol_ns = round(tick_tolerance_s * NS)
         self.use_task = use_task
-        self.history = ObservationHistory(n_obs_steps, 1.0 / policy_rate_hz)
+        self.history = ObservationHistory(n_obs_steps, 1.0 / policy_rate_hz, spacing_s=history_spacing_s)
         self.target: np.ndarray | None = None
         self.pillar: np.ndarray | None = None
         self.episode = 0

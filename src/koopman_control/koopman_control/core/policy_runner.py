@@ -11,6 +11,7 @@ bimodal policy on the side it chose, and a new episode gets a new draw.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -163,11 +164,32 @@ class PolicyRunner:
             raise ValueError(f"observation history {history.shape} has fewer than {to} steps")
         return history[-to:, perm]
 
+    def spacing_error(self, stamps_ns: np.ndarray, episode_start_ns: int | None = None) -> str | None:
+        """Why a history with these step stamps is not what the model was trained on (None if it is).
+
+        Steps must lie one control period apart (within a quarter period: steps are the feedback samples
+        nearest their grid points), coincide, or start from the episode's first sample (padding at an episode
+        start, which a controller ticking faster than the model keeps for one control period). A stack ticking
+        faster than the model without ``history_period`` set would otherwise feed it a compressed history,
+        silently.
+        """
+        used = np.asarray(stamps_ns, dtype=np.int64)[-self.meta.n_obs_steps:]
+        dt = self.meta.control_dt
+        bad = [(b - a) / 1e9 for a, b in itertools.pairwise(used)
+               if b != a and a != episode_start_ns and abs((b - a) / 1e9 - dt) > 0.25 * dt]
+        if bad:
+            return (f"observation history steps are {bad[0] * 1e3:.0f} ms apart, {self.name!r} was trained on "
+                    f"{dt * 1e3:.0f} ms (set state_ingest history_period to {dt:g})")
+        return None
+
     def step(self, history: np.ndarray, names: Sequence[str], budget_s: float | None = None,
-             image: np.ndarray | None = None) -> StepResult:
+             image: np.ndarray | None = None, stamps_ns: np.ndarray | None = None,
+             episode_start_ns: int | None = None) -> StepResult:
         """One call: raw history ``(T >= n_obs_steps, D)`` with column ``names`` -> chunk and health.
 
-        ``image`` is the image history a camera policy needs (ignored by state policies).
+        ``image`` is the image history a camera policy needs (ignored by state policies); ``stamps_ns``, the
+        history's step stamps, are checked against the model's control period when given
+        (:meth:`spacing_error`).
 
         ``budget_s`` is the deadline of the call itself: a late observation (a stall upstream) is the
         transport's miss, counted by the node, and no reason to distrust the student.
@@ -177,6 +199,8 @@ class PolicyRunner:
             obs = self._select(np.asarray(history, dtype=np.float32), names)
         except ValueError as err:
             return StepResult(None, None, 0.0, Health(False, f"observation: {err}", "shape"))
+        if stamps_ns is not None and (why := self.spacing_error(stamps_ns, episode_start_ns)):
+            return StepResult(None, None, 0.0, Health(False, why, "shape"))
         if self.image_size is not None and image is None:
             return StepResult(None, None, 0.0, Health(False, f"{self.name} needs an image observation", "shape"))
         try:

@@ -10,16 +10,17 @@ A control tick is the arrival of an observation (the ingest emits them at the po
 own sample stamps); latency is chunk publication minus observation stamp, and a tick counts as missed when
 no chunk for it was published within one period, or when no observation arrived for it.
 
-Receding horizon, as the policies were trained and evaluated: a new plan is made every ``execute_steps``
-ticks (0 = the model's ``n_action_steps``), at every new episode and on every change of mode; in between,
-each tick republishes the current plan from the present step on, stamped with the present observation, so
-the arm's watchdog sees a fresh command every period. The student is judged (exception, NaN, limits,
-deadline, OOD) on each plan it makes. In ``teacher_fallback`` the teacher's chunk for a tick becomes the plan
-and is followed the same way, while the student keeps being judged on every tick so that the return to it
-is not delayed by the plan. Taking a fresh plan every tick
-(``execute_steps: 1``) closes the loop through the first step of each chunk, which these one-step students
-were not trained for (measured in the gym task with dkoopman: 10 of 10 episodes collided, against 10 of 10
-successes with 8 executed steps).
+Receding horizon, as the policies were trained and evaluated: a plan is followed until ``execute_steps`` of
+its points (0 = the model's ``n_action_steps``) have become active, on the model's own time grid
+(:class:`~koopman_control.core.plan.PlanFollower`: at a 10 Hz task and policy rate that is ``execute_steps``
+ticks, at 100 Hz the same time); a new plan is also made at every new episode and on every change of mode. In
+between, each tick republishes the rest of the plan from the present instant on, stamped with the present
+observation, so the arm's watchdog sees a fresh command every period. The student is judged (exception, NaN,
+limits, deadline, OOD) on each plan it makes. In ``teacher_fallback`` the teacher's chunk for a tick becomes
+the plan and is followed the same way, while the student keeps being judged on every tick so that the return
+to it is not delayed by the plan. Taking a fresh plan every tick (``execute_steps: 1``) closes the loop
+through the first step of each chunk, which these one-step students were not trained for (measured in the gym
+task with dkoopman: 10 of 10 episodes collided, against 10 of 10 successes with 8 executed steps).
 
 Parameter ``policy`` (catalogue name or path) can be set at run time: the new model is loaded and probed on
 the current observation in the parameter callback, on the node's own executor thread, and only a model that
@@ -44,6 +45,7 @@ from trajectory_msgs.msg import JointTrajectory
 
 from koopman_control.core.chunk import published_points
 from koopman_control.core.observation import NS
+from koopman_control.core.plan import PlanFollower
 from koopman_control.core.policy_runner import PolicyLoadError, PolicyRunner
 from koopman_control.core.stats import RateMeter, SampleStats
 from koopman_control.core.supervisor import FallbackSupervisor, Mode
@@ -102,7 +104,7 @@ class PolicyNode(KoopmanNode):
                                                           "TensorRT, CUDA, CPU: the first that works)")
         self.declare("teacher_steps", 10, "DDIM steps when a teacher is served from its denoiser")
         self.declare("history_steps", 2, "observation history the ingest provides (n_obs_steps)")
-        self.declare("execute_steps", 0, "ticks a plan is followed before the next replaces it (0 = the model's "
+        self.declare("execute_steps", 0, "plan points executed before the next plan replaces it (0 = the model's "
                                          "n_action_steps, 1 = a new plan every tick)")
         self.realtime_priority = self.declare("realtime_priority", 0, "SCHED_FIFO priority of the control "
                                                                       "thread (0 = normal)", read_only=True)
@@ -122,6 +124,7 @@ class PolicyNode(KoopmanNode):
         self._pending: PolicyRunner | None = None
         self._lock = threading.Lock()
         self._last_obs: tuple | None = None  # (stamp, history, names, episode)
+        self._episode_start: tuple[int, int | None] = (-1, None)  # (episode, stamp of its first sample)
         # statistics (written by the control thread, read by diagnostics/bringup)
         self.latency = SampleStats()  # ms, every published chunk
         self.student_latency = SampleStats()
@@ -141,12 +144,7 @@ class PolicyNode(KoopmanNode):
         self._last_rx: float | None = None
         self._prev_served = True
         self._last_pub_stamp = -1
-        # The plan being followed: its points from its planning tick on, their spacing, its age in ticks, and
-        # the (episode, mode) it belongs to.
-        self._plan: np.ndarray | None = None
-        self._plan_dt = 0.0
-        self._plan_age = 0
-        self._plan_key: tuple[int, Mode] | None = None
+        self.plan = PlanFollower()  # the plan being followed, keyed by (episode, mode)
         self._teacher_latest: JointTrajectory | None = None
         self._awaiting_teacher: tuple[int, int] | None = None  # (stamp, episode) of a fallback tick without a plan
         self._image: tuple[int, int, np.ndarray] | None = None  # newest image observation: stamp, episode, frames
@@ -246,7 +244,7 @@ class PolicyNode(KoopmanNode):
             runner, self._pending = self._pending, None
         if runner is not None:
             self.runner = runner
-            self._plan = None  # the new policy plans from this tick on
+            self.plan.clear()  # the new policy plans from this tick on
             self.load_error = ""
             self.swaps += 1
             self.supervisor.select(runner.is_teacher, self._now())
@@ -277,7 +275,7 @@ class PolicyNode(KoopmanNode):
     def _on_observation(self, msg: JointTrajectory) -> None:
         t_rx = self._now()
         try:
-            stamp, hist, names, _ = convert.observation_from_msg(msg)
+            stamp, hist, names, step_stamps = convert.observation_from_msg(msg)
         except ValueError as err:
             self.bad_observations += 1
             self.get_logger().error(f"malformed observation ignored: {err}", throttle_duration_sec=2.0)
@@ -289,6 +287,8 @@ class PolicyNode(KoopmanNode):
         self.tick_rate.tick(self._last_rx)
         self._account(stamp)
         self._last_obs = (stamp, hist, names, episode)
+        if self._episode_start[0] != episode:  # its first observation: every step is the episode's first sample
+            self._episode_start = (episode, int(step_stamps[0]))
         self._take_pending()
         runner = self.runner
         if runner is None:
@@ -306,7 +306,8 @@ class PolicyNode(KoopmanNode):
                 if self.supervisor.mode is Mode.FALLBACK and not self._continue_plan(episode, runner, stamp):
                     self._await_teacher(stamp, episode)
                 return
-        res = runner.step(hist, names, budget_s=self.deadline_ns() / NS, image=image)
+        res = runner.step(hist, names, budget_s=self.deadline_ns() / NS, image=image, stamps_ns=step_stamps,
+                          episode_start_ns=self._episode_start[1])
         self.compute.add(res.compute_s * 1e3)
         self.last_ood = res.ood_score
         if res.health.kind == "deadline":
@@ -370,23 +371,20 @@ class PolicyNode(KoopmanNode):
     def _continue_plan(self, episode: int, runner: PolicyRunner, stamp: int) -> bool:
         """Follow the current plan this tick (True), or let the caller make a new one (False)."""
         steps = self.param("execute_steps") or runner.meta.n_action_steps
-        if (self._plan is None or self._plan_key != (episode, self.supervisor.mode)
-                or self._plan_age + 1 >= min(steps, len(self._plan))):
+        rest = self.plan.remaining(stamp, (episode, self.supervisor.mode), steps)
+        if rest is None:
             return False
-        self._plan_age += 1
-        self._publish_plan(stamp)
+        self._publish_points(stamp, *rest)
         return True
 
     def _adopt_plan(self, points: np.ndarray, dt: float, key: tuple[int, Mode], stamp: int) -> None:
-        self._plan, self._plan_dt, self._plan_age, self._plan_key = points, dt, 0, key
+        self.plan.adopt(points, dt, stamp, key)
         self._awaiting_teacher = None
-        self._publish_plan(stamp)
+        self._publish_points(stamp, *self.plan.remaining(stamp, key, len(points)))
 
-    def _publish_plan(self, stamp: int) -> None:
-        """The current plan from the present step on, stamped with the present observation."""
-        points = self._plan[self._plan_age:]
-        offsets = np.arange(len(points)) * self._plan_dt
-        out = convert.chunk_msg(stamp, self.joint_names, offsets, points.astype(np.float64))
+    def _publish_points(self, stamp: int, offsets: np.ndarray, points: np.ndarray) -> None:
+        """The plan from the present instant on, stamped with the present observation."""
+        out = convert.chunk_msg(stamp, self.joint_names, offsets, points)
         student = self.supervisor.mode is Mode.STUDENT
         self._publish_chunk(out, stamp, self.student_latency if student else self.teacher_latency)
 

@@ -37,7 +37,9 @@ class StateIngestNode(KoopmanNode):
 
         p = {
             "policy_rate": self.declare("policy_rate", 10.0, "observation rate (Hz) = the policy's control rate"),
-            "n_obs_steps": self.declare("n_obs_steps", 2, "history length (policy rate steps)"),
+            "n_obs_steps": self.declare("n_obs_steps", 2, "history length (steps)"),
+            "history_period": self.declare("history_period", 0.0, "time between history steps (s): the policies' "
+                                                                  "control period; 0 = one policy period"),
             "max_state_age": self.declare("max_state_age", 0.05, "joint states older than this are stale (s)"),
             "joint_names": self.declare("joint_names", list(JOINT_NAMES), "joints, in observation order"),
             "use_task": self.declare("use_task", True, "append the task target and pillar (20-d task obs)"),
@@ -49,7 +51,8 @@ class StateIngestNode(KoopmanNode):
         self.p = p
         try:
             self.builder = StateObservationBuilder(p["joint_names"], p["n_obs_steps"], p["policy_rate"],
-                                                   p["max_state_age"], use_task=p["use_task"])
+                                                   p["max_state_age"], use_task=p["use_task"],
+                                                   history_spacing_s=p["history_period"] or None)
         except ValueError as err:
             raise ParameterError(str(err)) from None
         names = task_obs_names(p["joint_names"])
