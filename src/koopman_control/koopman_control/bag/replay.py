@@ -4,7 +4,8 @@ Observations: by default those the live ingest published (``/policy/observation`
 what the live policy saw, including the ingest's reaction to stale input), else rebuilt from ``/joint_states``
 and the task topics with the ingest's own core (:mod:`koopman_control.bag.observations`); the rebuild is run in
 any case and its agreement with the recorded observations is reported. Each observation is run through every
-policy with the live stack's noise convention (one draw per ``(seed, episode)``), and the result is compared with
+policy with the live stack's noise convention (a draw per ``(seed, episode, observation stamp)``), and the result
+is compared with
 
 * the recorded commands (``/policy/action_chunk``, matched by stamp: a chunk carries its observation's stamp);
 * the teacher's chunks for the same observations (computed offline, or the recorded ``/teacher/action_chunk``).
@@ -54,7 +55,7 @@ class Served:
     action_dim: int
     obs_names: list[str]
     is_teacher: bool
-    call: Callable[[np.ndarray, list[str], int], tuple[np.ndarray | None, float | None, Health]]
+    call: Callable[[np.ndarray, list[str], int, int], tuple[np.ndarray | None, float | None, Health]]
     ood_threshold: float | None = None
 
 
@@ -65,9 +66,10 @@ def _stack_policy(name: str, seed: int, teacher_steps: int) -> Served:
     runner = PolicyRunner.load(name, seed=seed, teacher_steps=teacher_steps)
     m = runner.meta
 
-    def call(hist: np.ndarray, names: list[str], episode: int) -> tuple[np.ndarray | None, float | None, Health]:
+    def call(hist: np.ndarray, names: list[str], episode: int,
+             stamp: int) -> tuple[np.ndarray | None, float | None, Health]:
         runner.new_episode(episode)
-        res = runner.step(hist, names)
+        res = runner.step(hist, names, stamp_ns=stamp)
         chunk = res.chunk
         if chunk is None and res.health.kind == "limits":  # keep the out-of-limits chunk for the error statistics
             chunk = np.asarray(runner.model.predict_action(runner._select(hist, names), noise=runner.noise))
@@ -95,20 +97,18 @@ def _distill_policy(name: str, seed: int, backend: str) -> Served:
         control_dt = float(read_config(entry.checkpoint).get("control_dt", control_dt))
     obs_names = list(OBS_NAMES)
     perm_cache: dict[tuple[str, ...], np.ndarray] = {}
-    noise_cache: dict[int, np.ndarray] = {}
 
-    def call(hist: np.ndarray, names: list[str], episode: int) -> tuple[np.ndarray | None, float | None, Health]:
+    def call(hist: np.ndarray, names: list[str], episode: int,
+             stamp: int) -> tuple[np.ndarray | None, float | None, Health]:
         key = tuple(names)
         if key not in perm_cache:
             idx = {n: i for i, n in enumerate(names)}
             perm_cache[key] = np.array([idx[n] for n in obs_names])
-        if episode not in noise_cache:
-            rng = np.random.default_rng([seed, int(episode)])
-            noise_cache.clear()
-            noise_cache[episode] = rng.standard_normal((runner.horizon, runner.action_dim), dtype=np.float32)
+        rng = np.random.default_rng([seed, int(episode), int(stamp)])  # PolicyRunner's per-decision noise
+        noise = rng.standard_normal((runner.horizon, runner.action_dim), dtype=np.float32)
         obs = hist[-runner.n_obs_steps:, perm_cache[key]].astype(np.float32)
         try:
-            chunk = np.asarray(runner.predict_action(obs, noise_cache[episode]))
+            chunk = np.asarray(runner.predict_action(obs, noise))
         except Exception as err:
             return None, None, Health(False, f"{name} raised {type(err).__name__}: {err}", "exception")
         if not np.isfinite(chunk).all():
@@ -368,7 +368,7 @@ def replay(run: RecordedRun, policies: Sequence[str], *, teacher: str = "auto", 
         t_start = time.perf_counter()
         for k, (stamp, hist, names, episode) in enumerate(ticks):
             t0 = time.perf_counter()
-            chunk, score, health = s.call(hist, names, episode)
+            chunk, score, health = s.call(hist, names, episode, stamp)
             lat[k] = (time.perf_counter() - t0) * 1e3
             if chunk is not None and chunk.shape == (s.horizon, s.action_dim):
                 chunks[k] = _executed(chunk, s)

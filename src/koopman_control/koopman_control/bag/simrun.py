@@ -113,7 +113,7 @@ def record_sim_run(out: str | Path, *, driver: str = "expert", policy: str | Non
                     offsets, points = np.zeros(1), expert.act(vec).astype(np.float64)[None]
                 else:
                     runner.new_episode(obs.episode)
-                    res = runner.step(obs.history, obs_names)
+                    res = runner.step(obs.history, obs_names, stamp_ns=obs.stamp_ns)
                     new_mode = supervisor.update(res.health, obs.stamp_ns)
                     if new_mode is not mode:
                         mode = new_mode

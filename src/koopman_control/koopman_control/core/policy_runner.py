@@ -5,8 +5,12 @@ denoiser through :class:`OnnxDenoiserLoop` when only that exists). Each call's o
 exception, wrong shape, NaN/inf, actions outside the joint limits, a missed deadline, or an out-of-
 distribution score above the threshold all make the tick unhealthy, with a reason a person can act on.
 
-Noise is drawn once per episode from ``(seed, episode)``: replanning every tick with the same noise keeps a
-bimodal policy on the side it chose, and a new episode gets a new draw.
+Noise (``noise_per``): ``decision`` (default) draws it afresh for every plan from ``(seed, episode, stamp)``
+of the observation, as Diffusion Policy samples and as the offline evaluation runs the students; a held noise
+makes a one-step policy a fixed map of the observation, which can park the hand short of the target (the
+Gen3 oneflow student over 100 gym episodes: 0.92 success held, 1.00 redrawn, no collision either way). Keyed
+on the stamp, a replay of a recorded run draws the same noise whatever else it calls. ``episode`` holds one
+draw per ``(seed, episode)``.
 """
 
 from __future__ import annotations
@@ -77,11 +81,17 @@ def load_model(name_or_path: str | None, *, root: str | Path | None = None, intr
     )
 
 
+NOISE_PER = ("decision", "episode")
+
+
 class PolicyRunner:
     """A model plus its health checks, noise and observation layout."""
 
     def __init__(self, model: Any, name: str, source: str, *, seed: int = 0, ood_threshold: float | None = None,
-                 limit_margin: float = 0.0) -> None:
+                 limit_margin: float = 0.0, noise_per: str = "decision") -> None:
+        if noise_per not in NOISE_PER:
+            raise PolicyLoadError(f"noise must be one of {', '.join(NOISE_PER)}, got {noise_per!r}")
+        self.noise_per = noise_per
         self.model = model
         self.name = name
         self.source = source
@@ -103,10 +113,12 @@ class PolicyRunner:
     @classmethod
     def load(cls, name_or_path: str | None, *, root: str | Path | None = None, intra_op_threads: int = 1,
              seed: int = 0, teacher_steps: int = 10, ood_threshold: float | None = None,
-             limit_margin: float = 0.0, providers: Sequence[str] | None = None) -> PolicyRunner:
+             limit_margin: float = 0.0, providers: Sequence[str] | None = None,
+             noise_per: str = "decision") -> PolicyRunner:
         model, name, source = load_model(name_or_path, root=root, intra_op_threads=intra_op_threads, seed=seed,
                                          teacher_steps=teacher_steps, providers=providers)
-        return cls(model, name, source, seed=seed, ood_threshold=ood_threshold, limit_margin=limit_margin)
+        return cls(model, name, source, seed=seed, ood_threshold=ood_threshold, limit_margin=limit_margin,
+                   noise_per=noise_per)
 
     # -- interface checks ----------------------------------------------------------------------------------
     def check_interface(self, obs_names: Sequence[str], action_names: Sequence[str], history_steps: int) -> None:
@@ -184,12 +196,13 @@ class PolicyRunner:
 
     def step(self, history: np.ndarray, names: Sequence[str], budget_s: float | None = None,
              image: np.ndarray | None = None, stamps_ns: np.ndarray | None = None,
-             episode_start_ns: int | None = None) -> StepResult:
+             episode_start_ns: int | None = None, stamp_ns: int | None = None) -> StepResult:
         """One call: raw history ``(T >= n_obs_steps, D)`` with column ``names`` -> chunk and health.
 
         ``image`` is the image history a camera policy needs (ignored by state policies); ``stamps_ns``, the
         history's step stamps, are checked against the model's control period when given
-        (:meth:`spacing_error`).
+        (:meth:`spacing_error`). ``stamp_ns`` (the observation's) keys a fresh noise draw with ``noise_per``
+        ``decision``; without it the episode's draw is used.
 
         ``budget_s`` is the deadline of the call itself: a late observation (a stall upstream) is the
         transport's miss, counted by the node, and no reason to distrust the student.
@@ -199,6 +212,10 @@ class PolicyRunner:
             obs = self._select(np.asarray(history, dtype=np.float32), names)
         except ValueError as err:
             return StepResult(None, None, 0.0, Health(False, f"observation: {err}", "shape"))
+        if self.noise_per == "decision" and stamp_ns is not None:
+            m = self.meta
+            rng = np.random.default_rng([self.seed, int(self.episode or 0), int(stamp_ns)])
+            self.noise = rng.standard_normal((m.horizon, m.action_dim), dtype=np.float32)
         if stamps_ns is not None and (why := self.spacing_error(stamps_ns, episode_start_ns)):
             return StepResult(None, None, 0.0, Health(False, why, "shape"))
         if self.image_size is not None and image is None:

@@ -72,7 +72,8 @@ def load_runner(node: KoopmanNode, name: str) -> PolicyRunner:
         seed=node.param("seed"), teacher_steps=node.param("teacher_steps"),
         ood_threshold=node.param("ood_threshold") if node.has_parameter("ood_threshold") else None,
         limit_margin=node.param("limit_margin") if node.has_parameter("limit_margin") else 0.0,
-        providers=[p.strip() for p in node.param("providers").split(",") if p.strip()] or None)
+        providers=[p.strip() for p in node.param("providers").split(",") if p.strip()] or None,
+        noise_per=node.param("noise"))
 
 
 def probe_input(runner: PolicyRunner, last: tuple | None) -> tuple[np.ndarray, list[str]]:
@@ -98,7 +99,8 @@ class PolicyNode(KoopmanNode):
         self.declare("recover_ticks", 10, "healthy student ticks before leaving the fallback")
         self.declare("ood_threshold", 0.0, "OOD score threshold; 0 = the model's ood_threshold metadata")
         self.declare("limit_margin", 0.0, "tolerance (rad) beyond the joint limits before an action is unhealthy")
-        self.declare("seed", 0, "noise seed; the noise is drawn per (seed, episode)")
+        self.declare("seed", 0, "noise seed; the noise is drawn per (seed, episode, observation stamp)")
+        self.declare("noise", "decision", "decision: a fresh draw per plan; episode: one draw per episode")
         self.declare("intra_op_threads", 1, "ONNX Runtime intra-op threads", read_only=True)
         self.declare("providers", "CPUExecutionProvider", "ONNX Runtime providers, comma-separated ('' = "
                                                           "TensorRT, CUDA, CPU: the first that works)")
@@ -307,7 +309,7 @@ class PolicyNode(KoopmanNode):
                     self._await_teacher(stamp, episode)
                 return
         res = runner.step(hist, names, budget_s=self.deadline_ns() / NS, image=image, stamps_ns=step_stamps,
-                          episode_start_ns=self._episode_start[1])
+                          episode_start_ns=self._episode_start[1], stamp_ns=stamp)
         self.compute.add(res.compute_s * 1e3)
         self.last_ood = res.ood_score
         if res.health.kind == "deadline":

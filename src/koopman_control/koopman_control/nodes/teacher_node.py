@@ -37,6 +37,7 @@ class TeacherNode(KoopmanNode):
         self.declare("catalog_root", "", "directory holding config/policies.yaml ('' = search)", read_only=True)
         self.declare("standby", "on_demand", "on_demand: compute only in teacher_fallback mode; hot: always")
         self.declare("seed", 0, "noise seed (same convention as the policy node)")
+        self.declare("noise", "decision", "decision: a fresh draw per chunk; episode: one draw per episode")
         self.declare("intra_op_threads", 1, "ONNX Runtime intra-op threads", read_only=True)
         self.declare("providers", "CPUExecutionProvider", "ONNX Runtime providers, comma-separated ('' = auto)")
         self.declare("teacher_steps", 10, "DDIM steps when served from the denoiser")
@@ -91,7 +92,7 @@ class TeacherNode(KoopmanNode):
         if runner is None or stamp <= self._last_served:
             return
         runner.new_episode(episode)
-        res = runner.step(hist, names)
+        res = runner.step(hist, names, stamp_ns=stamp)
         self.compute.add(res.compute_s * 1e3)
         if res.chunk is None:
             self.failures += 1
