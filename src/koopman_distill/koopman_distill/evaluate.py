@@ -4,8 +4,8 @@ Rollouts: episode ``i`` uses task seed ``seed + i`` for every policy, so all pol
 start states (Gen3: targets and pillars; Push-T: agent and block poses). The metrics follow the task's
 ``result()``: Gen3 counts success, collision and the detour side, Push-T success (coverage > 0.95) and the
 episode's maximum coverage. The policy replans every ``n_action_steps`` control steps; its noise comes from a generator
-seeded per episode and is redrawn at every decision, as Diffusion Policy samples (``noise_per='episode'``
-holds it for the whole episode, the ROS policy node's convention). A held noise makes a one-step or DDIM
+seeded per episode and is redrawn at every decision, as Diffusion Policy samples and as the ROS policy node
+does (``noise_per='episode'`` holds it for the whole episode). A held noise makes a one-step or DDIM
 policy a fixed map of the observation, which can park the hand or the disc where its own chunk says to stay:
 the Push-T DDIM-10 teacher, task seeds 1000-1005, mean max coverage 0.15 with held noise, 0.41 redrawn, 0.51
 for DDPM-100, whose intermediate noise is fresh anyway; the Gen3 oneflow student, seeds 1000-1099, success
