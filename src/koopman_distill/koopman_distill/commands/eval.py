@@ -17,7 +17,7 @@ import torch
 import koopman_sim
 from koopman_distill.data import episode_windows
 from koopman_distill.evaluate import NOISE, RolloutStats, mmd_to_teacher, rollout, teacher_reference
-from koopman_distill.runners import load_runner
+from koopman_distill.runners import TorchRunner, load_runner
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -157,7 +157,10 @@ def run(args: argparse.Namespace) -> int:
     koopman_sim.check_task(args.task)
     teacher_name = args.teacher or DEFAULT_TEACHER[args.task]
     runners = {n: load_runner(n, args.backend) for n in names}
-    teacher_runner = runners.get(teacher_name) or load_runner(teacher_name, "torch")
+    # The MMD reference needs the PyTorch teacher, also when the teacher itself is evaluated through ONNX.
+    reference_runner = runners.get(teacher_name)
+    teacher_runner = (reference_runner if isinstance(reference_runner, TorchRunner)
+                      else load_runner(teacher_name, "torch"))
     teacher = teacher_runner.policy
     obs = mmd_observations(args, teacher_runner.n_obs_steps, teacher_runner.horizon)
     reference = teacher_reference(teacher, obs, args.mmd_draws, args.seed)
