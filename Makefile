@@ -73,6 +73,9 @@ models-pusht: setup
 	for m in teacher $(STUDENTS); do $(KD) export --checkpoint models/pusht_$$m || exit 1; done
 	$(KD) eval --task pusht --policies pusht_teacher,pusht_kdm,pusht_dkoopman,pusht_oneflow,pusht_cd,pusht_bc \
 		--episodes 50 --json models/eval_pusht.json --update-cards
+	# The DDIM-10 teacher (its unrolled ONNX graph), the sampler whose trajectories the students distil.
+	$(KD) eval --task pusht --policies pusht_teacher --backend onnx --episodes 50 \
+		--json models/eval_pusht_teacher_ddim10.json
 	$(KD) bench --task pusht --json models/bench_pusht.json
 	$(MAKE) results-table
 
