@@ -44,9 +44,9 @@ models: setup
 	$(KD) teacher --data $(DATA)/gen3_demos.h5 --out models/gen3_teacher --steps 6000
 	$(KD) teacher-data --teacher models/gen3_teacher --data $(DATA)/gen3_demos.h5 \
 		--out $(DATA)/gen3_teacher_data.h5 --steps 10 --draws 2
-	# cd learns its one-step map through consistency with its own later points: 16000 steps (8000 leave the
-	# chunk MSE to the teacher at 0.0017 against 0.0011).
-	for m in $(STUDENTS); do steps=8000; if [ $$m = cd ]; then steps=16000; fi; \
+	# cd learns its one-step map through consistency with its own later points, which takes longer: chunk MSE to
+	# the teacher 0.0017 after 8000 steps, 0.0011 after 16000, 0.0007 after 32000 (success 0.57 and 0.83).
+	for m in $(STUDENTS); do steps=8000; if [ $$m = cd ]; then steps=32000; fi; \
 		$(KD) student --method $$m --teacher models/gen3_teacher --teacher-data $(DATA)/gen3_teacher_data.h5 \
 			--out models/gen3_$$m --steps $$steps || exit 1; done
 	for m in teacher $(STUDENTS); do $(KD) export --checkpoint models/gen3_$$m || exit 1; done
