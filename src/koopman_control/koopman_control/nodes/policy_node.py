@@ -329,9 +329,17 @@ class PolicyNode(KoopmanNode):
             self._await_teacher(stamp, episode)
 
     def _await_teacher(self, stamp: int, episode: int) -> None:
+        """A fallback tick without a teacher plan: take the teacher's newest chunk if it is recent enough, else
+        keep the arm on the last plan of this episode (what it would follow anyway until its command timeout)
+        so that the teacher's compute time, longer than a period at 100 Hz, costs no tick."""
         self._awaiting_teacher = (stamp, episode)
         if self._teacher_latest is not None:
             self._take_teacher_plan(self._teacher_latest)
+        key, points = self.plan.key, self.plan.points
+        if self._awaiting_teacher is not None and points is not None and key is not None and key[0] == episode:
+            rest = self.plan.remaining(stamp, key, len(points))
+            if rest is not None:
+                self._publish_points(stamp, *rest)
 
     def _on_image(self, msg: Image) -> None:
         steps = self.param("history_steps")
@@ -396,10 +404,15 @@ class PolicyNode(KoopmanNode):
             self._take_teacher_plan(msg)
 
     def _take_teacher_plan(self, msg: JointTrajectory) -> None:
-        """Adopt the teacher's chunk as the plan if it answers the fallback tick that is waiting for one."""
+        """Adopt the teacher's chunk as the plan if it answers the fallback tick waiting for one: computed for
+        that tick's observation or, when the teacher is slower than the ticks, for one less than a control
+        period older (followed on its own time grid from the present instant)."""
         waiting = self._awaiting_teacher
+        if waiting is None or self.runner is None:
+            return
+        tick, episode = waiting
         stamp = convert.from_time(msg.header.stamp)
-        if waiting is None or stamp != waiting[0]:
+        if not tick - round(self.runner.meta.control_dt * NS) < stamp <= tick:
             return
         try:
             chunk = convert.chunk_from_msg(msg, self.joint_names)
@@ -408,7 +421,10 @@ class PolicyNode(KoopmanNode):
             return
         dt = float(np.median(np.diff(chunk.times_ns))) / NS if len(chunk.times_ns) > 1 else 0.0
         self.teacher_plans += 1
-        self._adopt_plan(chunk.positions, dt, (waiting[1], Mode.FALLBACK), stamp)
+        key = (episode, Mode.FALLBACK)
+        self.plan.adopt(chunk.positions, dt, stamp, key)
+        self._awaiting_teacher = None
+        self._publish_points(tick, *self.plan.remaining(tick, key, len(chunk.positions)))
 
     def _publish_mode(self) -> None:
         mode = self.supervisor.mode
