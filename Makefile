@@ -67,9 +67,12 @@ models-pusht: setup
 	$(KD) teacher --data $(DATA)/pusht_demos.h5 --out models/pusht_teacher --steps 6000
 	$(KD) teacher-data --teacher models/pusht_teacher --data $(DATA)/pusht_demos.h5 \
 		--out $(DATA)/pusht_teacher_data.h5 --steps 10 --draws 2
-	for m in $(STUDENTS); do \
+	for m in kdm dkoopman cd bc; do \
 		$(KD) student --method $$m --teacher models/pusht_teacher --teacher-data $(DATA)/pusht_teacher_data.h5 \
 			--out models/pusht_$$m --steps 8000 || exit 1; done
+	# oneflow, the best student after 8000 steps (mean max coverage 0.17), trained three times longer: 0.30.
+	$(KD) student --method oneflow --teacher models/pusht_teacher --teacher-data $(DATA)/pusht_teacher_data.h5 \
+		--out models/pusht_oneflow --steps 24000
 	for m in teacher $(STUDENTS); do $(KD) export --checkpoint models/pusht_$$m || exit 1; done
 	$(KD) eval --task pusht --policies pusht_teacher,pusht_kdm,pusht_dkoopman,pusht_oneflow,pusht_cd,pusht_bc \
 		--episodes 50 --json models/eval_pusht.json --update-cards

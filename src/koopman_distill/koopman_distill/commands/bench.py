@@ -250,15 +250,17 @@ def run(args: argparse.Namespace) -> int:
     finally:
         torch.set_num_threads(prev_threads)
         os.sched_setaffinity(0, prev_affinity)
-    teachers = {e.task: e.name for e in entries if e.method == "teacher"}
+    # Each task's reference is its teacher's DDPM-100 in PyTorch (the entry with a checkpoint to sample from).
+    references = {v["task"]: k for k, v in results.items()
+                  if v.get("runtime") == "torch" and v.get("sampler") == "ddpm" and "task" in v}
     for entry in entries:
         if entry.method != "teacher" and entry.inputs == "state":  # the camera policies solve another problem
             r = results[entry.name]
+            reference = references.get(entry.task)
             r["task"] = entry.task
-            reference = next((v for k, v in results.items() if k.startswith(f"{teachers.get(entry.task)}_ddpm")
-                              and v.get("runtime") == "torch"), None)
-            r["speedup_vs_teacher_ddpm100"] = None if reference is None else reference["p50_ms"] / r["p50_ms"]
-            r["teacher"] = teachers.get(entry.task)
+            r["teacher"] = reference
+            r["speedup_vs_teacher_ddpm100"] = (None if reference is None
+                                               else results[reference]["p50_ms"] / r["p50_ms"])
     providers = sorted({v["provider"] for v in results.values() if "provider" in v})
     results["machine"] = {
         "cpu_model": _cpu_model(),
