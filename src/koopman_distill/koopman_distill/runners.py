@@ -1,7 +1,8 @@
 """Load any policy by catalogue name or path behind one numpy interface for evaluation.
 
 Students run through ONNX Runtime when their ``.onnx`` file exists (what the robot runs), otherwise
-through PyTorch; the teacher always runs in PyTorch with its configured sampler.
+through PyTorch; the teacher runs in PyTorch with its configured sampler, or through its ONNX export (DDIM-k)
+for a catalogue entry that names only that.
 """
 
 from __future__ import annotations
@@ -85,7 +86,9 @@ def load_runner(name_or_path: str, backend: str = "auto") -> Runner:
         raise ValueError(f"backend must be auto, torch or onnx, got {backend!r}")
     checkpoint = load_policy(entry.checkpoint) if entry.checkpoint else None
     onnx = entry.onnx if entry.onnx and Path(entry.onnx).is_file() else None
-    if backend == "onnx" or (backend == "auto" and onnx is not None and entry.method != "teacher"):
+    # A teacher runs its checkpoint's sampler unless the entry has only the ONNX export (DDIM-k unrolled).
+    prefer_onnx = entry.method != "teacher" or checkpoint is None
+    if backend == "onnx" or (backend == "auto" and onnx is not None and prefer_onnx):
         if onnx is None:
             raise FileNotFoundError(f"policy {entry.name!r} has no ONNX file")
         params = checkpoint.num_parameters() if checkpoint is not None else 0

@@ -222,6 +222,9 @@ def run(args: argparse.Namespace) -> int:
         entries = [e for e in catalog.policies.values()
                    if any(p is not None and p.exists() for p in (e.checkpoint, e.onnx, e.onnx_denoiser))
                    and args.task in (None, e.task)]
+        # An entry naming only another entry's ONNX file (teacher_ddim10) would time the same graph twice.
+        entries = [e for e in entries
+                   if e.checkpoint is not None or not any(o.checkpoint and o.onnx == e.onnx for o in entries)]
         if not entries:
             raise UserError("no catalogue policy has files yet; pass --models with checkpoint directories")
     names = [e.name for e in entries]
