@@ -54,7 +54,7 @@ models: setup
 	# closed loop, where 20 successful gym episodes reached per-tick scores of 0.014 and 0.013: 0.03 keeps a
 	# 2x margin over those.
 	for m in kdm dkoopman; do $(KD) export --checkpoint models/gen3_$$m --ood-threshold 0.03 || exit 1; done
-	$(KD) eval --policies teacher,$(shell echo $(STUDENTS) | tr ' ' ',') --episodes 100 \
+	$(KD) eval --policies teacher,teacher_ddim10,$(shell echo $(STUDENTS) | tr ' ' ',') --episodes 100 \
 		--json models/eval_gen3.json --update-cards
 	$(KD) bench --task gen3_reach_obstacle --json models/bench_gen3.json
 
