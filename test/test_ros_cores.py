@@ -58,6 +58,18 @@ def test_a_faster_controller_keeps_the_trained_history_spacing() -> None:
         StateObservationBuilder(JOINTS, 2, 15.0, history_spacing_s=0.1)
 
 
+def test_a_late_sample_at_100hz_does_not_empty_the_history() -> None:
+    """Feedback that pauses 9 ms puts two ticks 18 ms apart: the 0.1 s history must survive it, its steps
+    still the samples nearest 0.1 s apart, and the ticks after it keep coming."""
+    b = StateObservationBuilder(JOINTS, 2, 100.0, history_spacing_s=0.1)
+    b.set_task(target=[0.6, 0.0, 0.17], pillar=[0.41, 0.0, 0.15])
+    stamps = [T0 + k * 2 * MS for k in range(400) if not 200 <= k < 204]  # no sample from 0.400 to 0.408 s
+    out = [(t, o) for t in stamps if (o := _feed(b, t, q=(t - T0) / NS)) is not None]
+    assert b.history.gaps == 0 and len(out) == 80
+    for t, o in out[20:]:
+        assert abs(int(o.stamps_ns[1] - o.stamps_ns[0]) - 100 * MS) <= 10 * MS, (t - T0) / MS
+
+
 def test_plan_follower_on_the_models_time_grid() -> None:
     from koopman_control.core.plan import PlanFollower
 
