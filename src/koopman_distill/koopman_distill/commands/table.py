@@ -43,6 +43,8 @@ def task_rows(task: str, evaluation: dict[str, Any], bench: dict[str, Any]) -> d
     key, label = METRIC[task]
     rows: dict[str, dict[str, Any]] = {}
     for name, r in evaluation.items():
+        if r["method"] == "teacher" and r.get("backend") == "onnx":
+            continue  # the teacher's DDIM-k export, evaluated beside the DDPM-100 reference this table uses
         b = _bench_row(bench, name, r["method"])
         if b is None:
             raise UserError(f"{task}: policy {name!r} is in the evaluation but not in the benchmark")
