@@ -17,10 +17,11 @@ ticks, at 100 Hz the same time); a new plan is also made at every new episode an
 between, each tick republishes the rest of the plan from the present instant on, stamped with the present
 observation, so the arm's watchdog sees a fresh command every period. The student is judged (exception, NaN,
 limits, deadline, OOD) on each plan it makes. In ``teacher_fallback`` the teacher's chunk for a tick becomes
-the plan and is followed the same way, while the student keeps being judged on every tick so that the return
-to it is not delayed by the plan. Taking a fresh plan every tick (``execute_steps: 1``) closes the loop
-through the first step of each chunk, which these one-step students were not trained for (measured in the gym
-task with dkoopman: 10 of 10 episodes collided, against 10 of 10 successes with 8 executed steps).
+the plan and is followed the same way, while the student keeps being judged once per model period (so that
+``recover_ticks`` means the same time at 10 and 100 Hz) and the return to it is not delayed by the plan.
+Taking a fresh plan every tick (``execute_steps: 1``) closes the loop through the first step of each chunk,
+which these one-step students were not trained for (measured in the gym task with dkoopman: 10 of 10 episodes
+collided, against 10 of 10 successes with 8 executed steps).
 
 Parameter ``policy`` (catalogue name or path) can be set at run time: the new model is loaded and probed on
 the current observation in the parameter callback, on the node's own executor thread, and only a model that
@@ -127,6 +128,7 @@ class PolicyNode(KoopmanNode):
         self._lock = threading.Lock()
         self._last_obs: tuple | None = None  # (stamp, history, names, episode)
         self._episode_start: tuple[int, int | None] = (-1, None)  # (episode, stamp of its first sample)
+        self._last_judged = -(2**62)  # stamp of the student's last call
         # statistics (written by the control thread, read by diagnostics/bringup)
         self.latency = SampleStats()  # ms, every published chunk
         self.student_latency = SampleStats()
@@ -298,6 +300,12 @@ class PolicyNode(KoopmanNode):
         runner.new_episode(episode)
         if self.supervisor.mode is not Mode.FALLBACK and self._continue_plan(episode, runner, stamp):
             return
+        if self.supervisor.mode is Mode.FALLBACK and stamp - self._last_judged < 0.9 * runner.meta.control_dt * NS:
+            # Judged once per model period, so recover_ticks means the same time at any policy rate.
+            if not self._continue_plan(episode, runner, stamp):
+                self._await_teacher(stamp, episode)
+            return
+        self._last_judged = stamp
         image = None
         if runner.image_size is not None:
             image = self._paired_image(stamp, episode, runner)
