@@ -80,6 +80,17 @@ class OnnxRunner:
         return self.session.predict_action(obs_history, noise)
 
 
+def onnx_parameters(path: Path) -> int:
+    """Float values stored in an ONNX graph, for an export without its checkpoint: the weights plus a few
+    normaliser and schedule constants (the Gen3 teacher: 1,181,213 against its checkpoint's 1,181,127; an
+    unrolled DDIM graph stores the U-Net's weights once)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return int(sum(np.prod(t.dims) for t in model.graph.initializer
+                   if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 1 and np.prod(t.dims) > 1))
+
+
 def load_runner(name_or_path: str, backend: str = "auto") -> Runner:
     entry = resolve_policy(name_or_path)
     if backend not in ("auto", "torch", "onnx"):
@@ -91,7 +102,7 @@ def load_runner(name_or_path: str, backend: str = "auto") -> Runner:
     if backend == "onnx" or (backend == "auto" and onnx is not None and prefer_onnx):
         if onnx is None:
             raise FileNotFoundError(f"policy {entry.name!r} has no ONNX file")
-        params = checkpoint.num_parameters() if checkpoint is not None else 0
+        params = checkpoint.num_parameters() if checkpoint is not None else onnx_parameters(Path(onnx))
         return OnnxRunner(entry.name, Path(onnx), params, entry.card)
     if checkpoint is None:
         raise FileNotFoundError(f"policy {entry.name!r} has no PyTorch checkpoint")
