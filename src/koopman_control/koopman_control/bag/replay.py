@@ -33,6 +33,7 @@ from koopman_control.bag.observations import rebuild
 from koopman_control.bag.reader import RecordedRun
 from koopman_control.core.chunk import ActionChunk
 from koopman_control.core.observation import NS
+from koopman_control.core.policy_runner import policy_noise
 from koopman_control.core.supervisor import FallbackSupervisor, Health, Mode
 
 
@@ -104,8 +105,7 @@ def _distill_policy(name: str, seed: int, backend: str) -> Served:
         if key not in perm_cache:
             idx = {n: i for i, n in enumerate(names)}
             perm_cache[key] = np.array([idx[n] for n in obs_names])
-        rng = np.random.default_rng([seed, int(episode), int(stamp)])  # PolicyRunner's per-decision noise
-        noise = rng.standard_normal((runner.horizon, runner.action_dim), dtype=np.float32)
+        noise = policy_noise((runner.horizon, runner.action_dim), seed, episode, stamp)
         obs = hist[-runner.n_obs_steps:, perm_cache[key]].astype(np.float32)
         try:
             chunk = np.asarray(runner.predict_action(obs, noise))

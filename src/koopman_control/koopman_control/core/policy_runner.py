@@ -84,6 +84,16 @@ def load_model(name_or_path: str | None, *, root: str | Path | None = None, intr
 NOISE_PER = ("decision", "episode")
 
 
+def policy_noise(shape: tuple[int, int], seed: int, episode: int, stamp_ns: int | None = None) -> np.ndarray:
+    """The stack's noise: one draw per ``(seed, episode)``, or per ``(seed, episode, stamp)`` for a decision.
+
+    Keyed rather than taken from a running generator, so a replay of a recorded run draws the same noise
+    whatever else it calls.
+    """
+    key = [int(seed), int(episode)] + ([int(stamp_ns)] if stamp_ns is not None else [])
+    return np.random.default_rng(key).standard_normal(shape, dtype=np.float32)
+
+
 class PolicyRunner:
     """A model plus its health checks, noise and observation layout."""
 
@@ -157,9 +167,7 @@ class PolicyRunner:
     def new_episode(self, episode: int) -> None:
         if episode != self.episode:
             self.episode = int(episode)
-            m = self.meta
-            rng = np.random.default_rng([self.seed, int(episode)])
-            self.noise = rng.standard_normal((m.horizon, m.action_dim), dtype=np.float32)
+            self.noise = policy_noise(self.noise.shape, self.seed, episode)
 
     def _select(self, history: np.ndarray, names: Sequence[str]) -> np.ndarray:
         key = tuple(names)
@@ -213,9 +221,7 @@ class PolicyRunner:
         except ValueError as err:
             return StepResult(None, None, 0.0, Health(False, f"observation: {err}", "shape"))
         if self.noise_per == "decision" and stamp_ns is not None:
-            m = self.meta
-            rng = np.random.default_rng([self.seed, int(self.episode or 0), int(stamp_ns)])
-            self.noise = rng.standard_normal((m.horizon, m.action_dim), dtype=np.float32)
+            self.noise = policy_noise(self.noise.shape, self.seed, self.episode or 0, stamp_ns)
         if stamps_ns is not None and (why := self.spacing_error(stamps_ns, episode_start_ns)):
             return StepResult(None, None, 0.0, Health(False, why, "shape"))
         if self.image_size is not None and image is None:
