@@ -15,7 +15,6 @@ import os
 import threading
 from dataclasses import dataclass, field
 
-import numpy as np
 import pytest
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
@@ -23,7 +22,7 @@ from rclpy.node import Node
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
-from koopman_control.ros import qos
+from koopman_control.ros import convert, qos
 from koopman_control.testing import ros_context, wait_until
 from koopman_policy.catalog import resolve_policy
 
@@ -57,8 +56,8 @@ class Probe:
 
     def _on_image(self, msg: Image) -> None:
         self.image_shapes.add((msg.height, msg.width, msg.encoding))
-        newest = np.frombuffer(bytes(msg.data), dtype="<f4").reshape(-1, msg.width, 3)[-msg.width:]
-        self.image_means.append(float(newest.mean()))
+        _, hist = convert.float_image_from_msg(msg, 2)
+        self.image_means.append(float(hist[-1].mean()))
 
 
 @dataclass

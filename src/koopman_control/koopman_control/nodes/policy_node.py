@@ -302,8 +302,7 @@ class PolicyNode(KoopmanNode):
             return
         if self.supervisor.mode is Mode.FALLBACK and stamp - self._last_judged < 0.9 * runner.meta.control_dt * NS:
             # Judged once per model period, so recover_ticks means the same time at any policy rate.
-            if not self._continue_plan(episode, runner, stamp):
-                self._await_teacher(stamp, episode)
+            self._follow_fallback(episode, runner, stamp)
             return
         self._last_judged = stamp
         image = None
@@ -313,8 +312,8 @@ class PolicyNode(KoopmanNode):
                 self.image_gaps += 1
                 self.get_logger().warning(f"no image observation for this tick: {self.image_error}",
                                           throttle_duration_sec=2.0)
-                if self.supervisor.mode is Mode.FALLBACK and not self._continue_plan(episode, runner, stamp):
-                    self._await_teacher(stamp, episode)
+                if self.supervisor.mode is Mode.FALLBACK:
+                    self._follow_fallback(episode, runner, stamp)
                 return
         res = runner.step(hist, names, budget_s=self.deadline_ns() / NS, image=image, stamps_ns=step_stamps,
                           episode_start_ns=self._episode_start[1], stamp_ns=stamp)
@@ -333,7 +332,12 @@ class PolicyNode(KoopmanNode):
             m = runner.meta
             _, points = published_points(res.chunk, m.n_obs_steps, m.control_dt)
             self._adopt_plan(points, m.control_dt, (episode, mode), stamp)
-        elif mode is Mode.FALLBACK and not self._continue_plan(episode, runner, stamp):
+        elif mode is Mode.FALLBACK:
+            self._follow_fallback(episode, runner, stamp)
+
+    def _follow_fallback(self, episode: int, runner: PolicyRunner, stamp: int) -> None:
+        """A fallback tick: the teacher's plan, or, without one, wait for the teacher."""
+        if not self._continue_plan(episode, runner, stamp):
             self._await_teacher(stamp, episode)
 
     def _await_teacher(self, stamp: int, episode: int) -> None:
@@ -350,15 +354,13 @@ class PolicyNode(KoopmanNode):
                 self._publish_points(stamp, *rest)
 
     def _on_image(self, msg: Image) -> None:
-        steps = self.param("history_steps")
-        if msg.encoding != "32FC3" or msg.height % steps or len(msg.data) != msg.height * msg.width * 12:
-            self.image_error = (f"image observation refused: {msg.encoding} {msg.width}x{msg.height} is not a "
-                                f"32FC3 history of {steps} frames")
+        try:
+            stamp, hist = convert.float_image_from_msg(msg, self.param("history_steps"))
+        except ValueError as err:
+            self.image_error = f"image observation refused: {err}"
             self._image = None
             return
-        h = msg.height // steps
-        hist = np.frombuffer(bytes(msg.data), dtype="<f4").reshape(steps, h, msg.width, 3)
-        self._image = (convert.from_time(msg.header.stamp), episode_of(msg.header.frame_id), hist)
+        self._image = (stamp, episode_of(msg.header.frame_id), hist)
 
     def _paired_image(self, stamp: int, episode: int, runner: PolicyRunner) -> np.ndarray | None:
         """The newest image observation if it can serve this tick: same episode, stamp within ``max_image_age``.
@@ -395,10 +397,13 @@ class PolicyNode(KoopmanNode):
         self._publish_points(stamp, *rest)
         return True
 
-    def _adopt_plan(self, points: np.ndarray, dt: float, key: tuple[int, Mode], stamp: int) -> None:
+    def _adopt_plan(self, points: np.ndarray, dt: float, key: tuple[int, Mode], stamp: int,
+                    tick: int | None = None) -> None:
+        """Follow a plan made at ``stamp`` and publish it for ``tick`` (default: the planning tick itself)."""
+        tick = stamp if tick is None else tick
         self.plan.adopt(points, dt, stamp, key)
         self._awaiting_teacher = None
-        self._publish_points(stamp, *self.plan.remaining(stamp, key, len(points)))
+        self._publish_points(tick, *self.plan.remaining(tick, key, len(points)))
 
     def _publish_points(self, stamp: int, offsets: np.ndarray, points: np.ndarray) -> None:
         """The plan from the present instant on, stamped with the present observation."""
@@ -429,10 +434,7 @@ class PolicyNode(KoopmanNode):
             return
         dt = float(np.median(np.diff(chunk.times_ns))) / NS if len(chunk.times_ns) > 1 else 0.0
         self.teacher_plans += 1
-        key = (episode, Mode.FALLBACK)
-        self.plan.adopt(chunk.positions, dt, stamp, key)
-        self._awaiting_teacher = None
-        self._publish_points(tick, *self.plan.remaining(tick, key, len(chunk.positions)))
+        self._adopt_plan(chunk.positions, dt, (episode, Mode.FALLBACK), stamp, tick)
 
     def _publish_mode(self) -> None:
         mode = self.supervisor.mode

@@ -138,3 +138,12 @@ def float_image_msg(stamp_ns: int, stacked: np.ndarray, frame_id: str = "camera"
     msg.step = int(w * c * 4)
     msg.data = np.ascontiguousarray(stacked, dtype="<f4").tobytes()
     return msg
+
+
+def float_image_from_msg(msg: Image, steps: int) -> tuple[int, np.ndarray]:
+    """Inverse of :func:`float_image_msg`: ``(stamp, history (steps, H, W, 3))``; ValueError when the message
+    is not a ``32FC3`` history of ``steps`` frames."""
+    if msg.encoding != "32FC3" or msg.height % steps or len(msg.data) != msg.height * msg.width * 12:
+        raise ValueError(f"{msg.encoding} {msg.width}x{msg.height} is not a 32FC3 history of {steps} frames")
+    hist = np.frombuffer(bytes(msg.data), dtype="<f4").reshape(steps, msg.height // steps, msg.width, 3)
+    return from_time(msg.header.stamp), hist
