@@ -130,11 +130,10 @@ def _write_json(path: str | None, data: dict[str, Any]) -> None:
 
 
 def _shutdown(stack: Any) -> dict[str, Any]:
-    """Final metrics, then close; a second Ctrl-C (impatient user, or `timeout` signalling the child and its
-    process group) must not cut this short: daemon executor threads still inside rclpy when the interpreter
-    exits abort the process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """Final metrics, then close, deaf to further stop signals (:func:`ignore_stop_signals`)."""
+    from koopman_control.ros.base import ignore_stop_signals
+
+    ignore_stop_signals()
     try:
         return stack.metrics()
     finally:

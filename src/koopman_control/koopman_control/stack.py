@@ -179,8 +179,10 @@ def build_stack(args: StackArgs | None = None, root: str | Path | None = None,
     files = (cfg,)
     rate = {"policy_rate": args.policy_rate} if args.policy_rate is not None else {}
     nodes: list[NodeSpec] = []
+    camera = camera_settings(args.policy, root) if args.use_camera else {}
     if args.robot_kind == "sim":
-        nodes.append(_node("sim_node", "sim", "SimNode", files, publish_camera=args.use_camera))
+        nodes.append(_node("sim_node", "sim", "SimNode", files, publish_camera=args.use_camera,
+                           **camera.get("sim", {})))
     else:
         if args.use_camera:
             raise StackError("use_camera needs the simulated camera (use_sim true); the arm has none in this stack")
@@ -193,7 +195,6 @@ def build_stack(args: StackArgs | None = None, root: str | Path | None = None,
         nodes.append(_node("kortex_bridge_node", "kortex_bridge", "KortexBridgeNode", files + tuple(bridge_files),
                            **bridge_overrides))
     nodes.append(_node("state_ingest_node", "state_ingest", "StateIngestNode", files, **rate))
-    camera = camera_settings(args.policy, root) if args.use_camera else {}
     if args.use_camera:
         nodes.append(_node("camera_ingest_node", "camera_ingest", "CameraIngestNode", files, **rate,
                            **camera.get("camera_ingest", {})))
@@ -203,8 +204,6 @@ def build_stack(args: StackArgs | None = None, root: str | Path | None = None,
     if args.teacher_fallback:
         nodes.append(_node("teacher_node", "teacher", "TeacherNode", files, catalog_root=str(root)))
     for spec in nodes:
-        if spec.name == "sim":
-            spec.overrides.update(camera.get("sim", {}))
         spec.overrides.update((overrides or {}).get(spec.name, {}))
     unknown = set(overrides or {}) - {n.name for n in nodes}
     if unknown:

@@ -37,6 +37,15 @@ SWITCH_INTERVAL_S = 0.0005
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
+def ignore_stop_signals() -> None:
+    """From here on, shutting down: a second SIGINT/SIGTERM (launch escalating, an impatient Ctrl-C, `timeout`
+    signalling the process group) must not cut it short, since daemon executor threads left inside rclpy when
+    the interpreter exits abort the process. Only the main thread can set handlers."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def stop_signals_to_main_thread() -> Iterator[None]:
     """Block SIGINT/SIGTERM while the ROS context, the nodes and their threads are created, so that every
@@ -290,11 +299,7 @@ def run_node(factory: Callable[[], KoopmanNode], args: Sequence[str] | None = No
         print(f"error: {err}", file=sys.stderr)
         code = 2
     finally:
-        # A second SIGINT/SIGTERM (launch escalates) must not cut the shutdown short: daemon executor threads
-        # left inside rclpy when the interpreter exits abort the process.
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        ignore_stop_signals()  # launch escalates with a second SIGINT/SIGTERM
         if spinner is not None:
             spinner.shutdown()
         if node is not None:
