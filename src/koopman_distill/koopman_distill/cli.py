@@ -11,7 +11,9 @@ import importlib
 import shlex
 import sys
 
-COMMANDS = ("teacher", "teacher_data", "student", "eval", "export", "bench", "table", "camera", "bag_to_dataset")
+COMMANDS = (
+    "teacher", "visit", "teacher_data", "student", "eval", "export", "bench", "table", "camera", "bag_to_dataset",
+)
 
 
 class UserError(Exception):

@@ -7,7 +7,11 @@ the first observation / last action at the episode's edges.
 Teacher data (written by ``koopman-distill teacher-data``) is HDF5 with keys
 ``/obs (N, To, Do) float32`` raw observations, ``/states (N, K + 1, H, Da) float32`` the teacher's DDIM
 trajectory in normalised action space (``states[:, 0]`` = x_T, ``states[:, -1]`` = x_0) and
-``/timesteps (K + 1,) int64``; attributes ``teacher_sha256``, ``dataset_sha256``, ``steps``, ``draws``.
+``/timesteps (K + 1,) int64``; attributes ``teacher_sha256``, ``dataset_sha256``, ``steps``, ``draws`` and
+``visited_sha256`` (the visited-state files it also ran on, comma-separated).
+
+Visited states (written by ``koopman-distill visit``) is HDF5 with ``/obs (N, To, Do) float32``: the
+observation histories a policy met in closed loop, with the rollout's settings and results as attributes.
 """
 
 from __future__ import annotations
@@ -95,3 +99,34 @@ def read_teacher_data(path: str | Path) -> TeacherData:
         raise ValueError(f"teacher data {path} has inconsistent shapes: obs {obs.shape}, states {states.shape}")
     return TeacherData(torch.from_numpy(obs), torch.from_numpy(states), torch.from_numpy(timesteps),
                        file_sha256(path), attrs)
+
+
+def write_visited(path: str | Path, obs: np.ndarray, **attrs: object) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".partial")
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("obs", data=np.asarray(obs, dtype=np.float32))
+        for key, value in attrs.items():
+            f.attrs[key] = value
+    tmp.replace(path)
+
+
+def read_visited(path: str | Path, n_obs_steps: int, obs_dim: int) -> torch.Tensor:
+    """Observation histories ``(N, To, Do)`` of a visited-state file, checked against the teacher's shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"visited states {path} do not exist (run `koopman-distill visit`)")
+    try:
+        with h5py.File(path, "r") as f:
+            if "obs" not in f:
+                raise ValueError(f"visited states {path} lack /obs")
+            obs = f["obs"][()]
+    except OSError as err:
+        raise ValueError(f"visited states {path} cannot be read: {err}") from None
+    if obs.ndim != 3 or tuple(obs.shape[1:]) != (n_obs_steps, obs_dim):
+        raise ValueError(f"visited states {path} hold histories of shape {obs.shape[1:]}, "
+                         f"the teacher takes ({n_obs_steps}, {obs_dim})")
+    if not np.isfinite(obs).all():
+        raise ValueError(f"visited states {path} contain NaN or inf")
+    return torch.from_numpy(obs.astype(np.float32))

@@ -50,6 +50,7 @@ class RolloutStats:
     coverages: list[float] = field(default_factory=list)
     latencies_ms: list[float] = field(default_factory=list)
     paths: list[np.ndarray] = field(default_factory=list)
+    histories: list[np.ndarray] = field(default_factory=list)
     scenes: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
     def record(self, result: Any) -> None:
@@ -80,8 +81,12 @@ NOISE = {"gen3_reach_obstacle": "decision", "pusht": "decision"}
 
 
 def rollout(runner: Runner, episodes: int, seed: int, task: str = "gen3_reach_obstacle",
-            progress: bool = True, noise_per: str | None = None) -> RolloutStats:
-    """Closed-loop episodes; ``noise_per`` ('episode' or 'decision') defaults to the task's ``NOISE``."""
+            progress: bool = True, noise_per: str | None = None, keep_histories: bool = False) -> RolloutStats:
+    """Closed-loop episodes; ``noise_per`` ('episode' or 'decision') defaults to the task's ``NOISE``.
+
+    ``keep_histories`` stores the observation history before every control step in ``stats.histories``
+    (not only at decisions: a policy that replans on another phase is queried there).
+    """
     import koopman_sim
 
     env = koopman_sim.make(task)
@@ -108,6 +113,8 @@ def rollout(runner: Runner, episodes: int, seed: int, task: str = "gen3_reach_ob
             if noise_per == "decision":
                 noise = rng.standard_normal(shape).astype(np.float32)
             for action in chunk[start : start + runner.n_action_steps]:
+                if keep_histories:
+                    stats.histories.append(np.stack(history).astype(np.float32))
                 obs, _, terminated, truncated, _ = env.step(action)
                 history.append(obs)
                 path.append(_tracked_point(task, env))
