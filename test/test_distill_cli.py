@@ -10,10 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 import torch
 
 from koopman_distill.cli import main
+from koopman_distill.data import file_sha256, read_teacher_data
 from koopman_policy.checkpoint import load_policy
 from koopman_policy.registry import STUDENT_METHODS
 from koopman_sim.collect import collect
@@ -74,6 +77,30 @@ def test_eval_writes_json_table_and_plot(pipeline):
     assert r["latency_ms"]["p50"] <= r["latency_ms"]["p99"]
     assert out.with_suffix(".md").read_text().startswith("| policy")
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_visited_histories_are_labelled_by_the_teacher(pipeline, capsys):
+    visited = pipeline / "visited.h5"
+    assert main(["visit", "--policy", str(pipeline / "teacher"), "--episodes", "2", "--seed", "7",
+                 "--out", str(visited)]) == 0
+    with h5py.File(visited) as f:
+        histories, attrs = f["obs"][()], dict(f.attrs)
+    assert histories.shape[1:] == (2, 20) and attrs["episodes"] == 2 and attrs["seed"] == 7
+    # every control step of both episodes; the first history of an episode repeats its first observation
+    assert len(histories) >= 2 and np.array_equal(histories[0, 0], histories[0, 1])
+    out = pipeline / "td_visited.h5"
+    assert main(["teacher-data", "--teacher", str(pipeline / "teacher"), "--data", str(pipeline / "demos.h5"),
+                 "--visited", str(visited), "--out", str(out), "--steps", "3", "--draws", "1"]) == 0
+    plain, labelled = read_teacher_data(pipeline / "td.h5"), read_teacher_data(out)
+    assert len(labelled.obs) == len(plain.obs) + len(histories)
+    assert torch.equal(labelled.obs[len(plain.obs):], torch.from_numpy(histories))
+    assert labelled.attrs["visited_sha256"] == file_sha256(visited)
+    with h5py.File(pipeline / "bad_visited.h5", "w") as f:
+        f["obs"] = np.zeros((3, 2, 5), dtype=np.float32)  # Push-T histories for a Gen3 teacher
+    capsys.readouterr()
+    assert main(["teacher-data", "--teacher", str(pipeline / "teacher"), "--data", str(pipeline / "demos.h5"),
+                 "--visited", str(pipeline / "bad_visited.h5"), "--out", str(pipeline / "x.h5")]) == 2
+    assert "(2, 20)" in capsys.readouterr().err and not (pipeline / "x.h5").exists()
 
 
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
