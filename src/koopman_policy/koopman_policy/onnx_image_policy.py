@@ -10,7 +10,6 @@ The same file checks, provider choice, session options, seeded noise and action 
 from __future__ import annotations
 
 from collections import deque
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,15 +31,7 @@ class OnnxImagePolicy(_OnnxModel):
 
     kind = "policy"
 
-    def __init__(
-        self,
-        path: str | Path,
-        providers: list[str] | tuple[str, ...] | None = None,
-        intra_op_threads: int = 1,
-        seed: int = 0,
-        expected_sha256: str | None = None,
-    ) -> None:
-        super().__init__(path, providers, intra_op_threads, seed, expected_sha256)
+    def _check_graph(self) -> None:
         m, raw = self.metadata, self.metadata.raw
         if not is_image_policy(raw):
             raise ModelLoadError(f"{self.path}: not an image policy (its inputs are obs, noise); load it with "

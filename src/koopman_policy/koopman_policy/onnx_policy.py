@@ -266,6 +266,11 @@ class _OnnxModel:
         self.last_ood_score: float | np.ndarray | None = None
         self._obs_queue: deque[np.ndarray] = deque(maxlen=m.n_obs_steps)
         self._action_queue: deque[np.ndarray] = deque()
+        self._check_graph()
+
+    def _check_graph(self) -> None:
+        """Check the graph's inputs and outputs against the metadata and set up what this runtime needs."""
+        raise NotImplementedError
 
     # -- validation ------------------------------------------------------------------------------------
     def _check_obs(self, obs_history: Any) -> tuple[np.ndarray, bool]:
@@ -343,15 +348,7 @@ class OnnxPolicy(_OnnxModel):
 
     kind = "policy"
 
-    def __init__(
-        self,
-        path: str | Path,
-        providers: list[str] | tuple[str, ...] | None = None,
-        intra_op_threads: int = 1,
-        seed: int = 0,
-        expected_sha256: str | None = None,
-    ) -> None:
-        super().__init__(path, providers, intra_op_threads, seed, expected_sha256)
+    def _check_graph(self) -> None:
         m = self.metadata
         f32 = "tensor(float)"
         _check_io(
@@ -475,9 +472,15 @@ class OnnxDenoiserLoop(_OnnxModel):
         sampler: str = "ddim",
         num_inference_steps: int = 10,
     ) -> None:
-        super().__init__(path, providers, intra_op_threads, seed, expected_sha256)
         if sampler not in ("ddim", "ddpm"):
             raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+        super().__init__(path, providers, intra_op_threads, seed, expected_sha256)
+        self.scheduler = NumpyDiffusionScheduler(self.metadata.scheduler)
+        self.sampler = sampler
+        self.num_inference_steps = self.scheduler.n if sampler == "ddpm" else num_inference_steps
+        self.scheduler.timesteps(self.num_inference_steps)  # validates the step count
+
+    def _check_graph(self) -> None:
         m = self.metadata
         f32 = "tensor(float)"
         _check_io(
@@ -486,10 +489,6 @@ class OnnxDenoiserLoop(_OnnxModel):
              "obs": (f32, (None, m.n_obs_steps, m.obs_dim))},
             {"eps": (f32, (None, m.horizon, m.action_dim))},
         )
-        self.scheduler = NumpyDiffusionScheduler(m.scheduler)
-        self.sampler = sampler
-        self.num_inference_steps = self.scheduler.n if sampler == "ddpm" else num_inference_steps
-        self.scheduler.timesteps(self.num_inference_steps)  # validates the step count
 
     def eps(self, sample: np.ndarray, timestep: np.ndarray, obs: np.ndarray) -> np.ndarray:
         (out,) = self.session.run(list(DENOISER_OUTPUTS), dict(zip(DENOISER_INPUTS, (sample, timestep, obs),
