@@ -195,6 +195,26 @@ def test_image_observations_normalised_and_never_repeated() -> None:
     assert b.status is InputStatus.INVALID
 
 
+def test_image_history_keeps_the_model_spacing_at_a_faster_policy_rate() -> None:
+    """100 Hz ticks, a 20 Hz camera, a 0.1 s history: an observation per new frame, its frames 0.1 s apart."""
+    b = ImageObservationBuilder(ImageNormalizer(4, 4), 2, 100.0, 0.2, history_spacing_s=0.1)
+    sent = []
+    for tick in range(1, 61):
+        now = T0 + tick * 10 * MS
+        if tick % 5 == 1:  # frame k, captured 10 ms before this tick, every pixel k
+            k = tick // 5
+            b.on_frame(now - 10 * MS, np.full((8, 8, 3), k, np.uint8))
+        o = b.tick(now)
+        if o is not None:
+            sent.append((tick, o))
+    assert [t % 5 for t, _ in sent] == [1] * len(sent) and len(sent) == 12  # one per frame, from the first on
+    for t, o in sent[2:]:
+        k = t // 5
+        assert o.stamp_ns == T0 + (t - 1) * 10 * MS
+        np.testing.assert_allclose(o.history[:, 0, 0, 0] * 255, [k - 2, k], atol=1e-4)  # 0.1 s = two frames
+    assert b.history.gaps == 0
+
+
 # -- chunks ----------------------------------------------------------------------------------------------------
 LOW, HIGH = -np.ones(7) * 2, np.ones(7) * 2
 

@@ -1,13 +1,15 @@
 """Camera frames -> normalised image observations at the policy rate.
 
 Frames arrive at the camera's rate; at each policy tick the newest frame (if fresh) is resized, normalised
-and appended to a history of ``n_obs_steps`` frames. A missing, stale or malformed frame stops the flow,
+and appended to a history of ``n_obs_steps`` frames spaced like the model's (``history_spacing_s``, see
+:meth:`ImageObservationBuilder.tick`). A missing, stale or malformed frame stops the flow,
 exactly like the state observations.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -77,15 +79,16 @@ class ImageObservationBuilder:
     """Newest frame at each policy tick -> normalised history ``(n_obs_steps, H, W, 3)``."""
 
     def __init__(self, normalizer: ImageNormalizer, n_obs_steps: int, policy_rate_hz: float,
-                 max_frame_age_s: float = 0.2) -> None:
+                 max_frame_age_s: float = 0.2, history_spacing_s: float | None = None) -> None:
         self.normalizer = normalizer
-        self.history = ObservationHistory(n_obs_steps, 1.0 / policy_rate_hz)
+        self.history = ObservationHistory(n_obs_steps, 1.0 / policy_rate_hz, spacing_s=history_spacing_s)
         self.max_age_ns = round(max_frame_age_s * NS)
         self.status = InputStatus.WAITING
         self.reason = "no frame yet"
         self.episode = 0
         self._frame: tuple[int, np.ndarray] | None = None  # (stamp, decoded rgb), normalised lazily at a tick
         self._last_used_stamp: int | None = None
+        self._img: np.ndarray | None = None  # the newest frame, normalised
         self._pad_next = True
         self.emitted = 0
         self.faults = 0
@@ -104,7 +107,14 @@ class ImageObservationBuilder:
         self._frame = (stamp_ns, rgb)
 
     def tick(self, now_ns: int) -> Observation | None:
-        """At a policy tick: the newest fresh frame extends the history; stale or repeated frames stop the flow."""
+        """At a policy tick: the newest fresh frame extends the history; stale frames stop the flow.
+
+        When the history steps span one tick, a tick without a new frame sends nothing and adds nothing (the
+        camera must keep up with the policy rate). When they span several (a 100 Hz controller, a 20 Hz
+        camera, a 0.1 s history), every tick records the newest frame at its tick time, so each history step
+        is the newest frame at that step's time, as in training at the model's rate; an observation is sent
+        only when a new frame arrived, stamped with that frame's capture time.
+        """
         if self._frame is None:
             if self.status is InputStatus.WAITING:
                 return None
@@ -116,20 +126,23 @@ class ImageObservationBuilder:
             self._fault(InputStatus.STALE,
                         f"newest frame is {age / 1e6:.0f} ms old (limit {self.max_age_ns / 1e6:.0f} ms)")
             return None
-        if stamp == self._last_used_stamp:
-            # The camera is slower than the policy rate: no new frame this tick, nothing is re-sent as new.
-            return None
-        self._last_used_stamp = stamp
-        img = self.normalizer(rgb)
-        if not np.isfinite(img).all():
-            self._fault(InputStatus.INVALID, "frame normalised to NaN/inf")
-            return None
-        obs = self.history.push(stamp, img, self.episode, pad=self._pad_next)
+        new = stamp != self._last_used_stamp
+        if new:
+            img = self.normalizer(rgb)
+            if not np.isfinite(img).all():
+                self._fault(InputStatus.INVALID, "frame normalised to NaN/inf")
+                return None
+            self._last_used_stamp, self._img = stamp, img
+        elif self.history.stride == 1:
+            return None  # the camera is slower than the policy rate: nothing is re-sent as new
+        obs = self.history.push(stamp if self.history.stride == 1 else now_ns, self._img, self.episode,
+                                pad=self._pad_next)
         self._pad_next = False
         self.status, self.reason = InputStatus.OK, "ok"
-        if obs is not None:
-            self.emitted += 1
-        return obs
+        if obs is None or not new:
+            return None
+        self.emitted += 1
+        return replace(obs, stamp_ns=stamp)
 
     def _fault(self, status: InputStatus, reason: str) -> None:
         if self.status not in (InputStatus.STALE, InputStatus.INVALID):

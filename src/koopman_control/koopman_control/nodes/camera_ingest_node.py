@@ -3,9 +3,10 @@
 Each message is one ``sensor_msgs/Image`` with encoding ``32FC3``: the history of ``n_obs_steps`` frames,
 resized to ``height x width`` and normalised ``(x/255 - mean) / std``, stacked vertically oldest first
 (image height = n_obs_steps * height); ``header.stamp`` is the newest frame's capture stamp and
-``header.frame_id`` is ``episode_<id>``, as on the state observations. The camera
-must run at least at the policy rate: a tick without a new, fresh frame stops the flow instead of
-re-sending an old frame as new.
+``header.frame_id`` is ``episode_<id>``, as on the state observations. The frames are ``history_period``
+apart, the models' control period, at any policy rate. When that is one policy period the camera must run
+at least at the policy rate: a tick without a new, fresh frame stops the flow instead of re-sending an old
+frame as new. At a faster policy rate an observation goes out with each new frame.
 """
 
 from __future__ import annotations
@@ -34,12 +35,15 @@ class CameraIngestNode(KoopmanNode):
             "mean": self.declare("mean", [0.0, 0.0, 0.0], "per-channel mean after /255"),
             "std": self.declare("std", [1.0, 1.0, 1.0], "per-channel std after /255"),
             "max_frame_age": self.declare("max_frame_age", 0.2, "frames older than this are stale (s)"),
+            "history_period": self.declare("history_period", 0.0, "time between history frames (s): the "
+                                                                  "policies' control period; 0 = one policy period"),
         }
         self.p = p
         try:
             norm = ImageNormalizer(p["height"], p["width"], [float(v) for v in p["mean"]],
                                    [float(v) for v in p["std"]])
-            self.builder = ImageObservationBuilder(norm, p["n_obs_steps"], p["policy_rate"], p["max_frame_age"])
+            self.builder = ImageObservationBuilder(norm, p["n_obs_steps"], p["policy_rate"], p["max_frame_age"],
+                                                   history_spacing_s=p["history_period"] or None)
         except (ValueError, TypeError) as err:
             raise ParameterError(f"camera_ingest: {err}") from None
         self.pub = self.create_publisher(Image, "/policy/image_observation", qos.CONTROL)
