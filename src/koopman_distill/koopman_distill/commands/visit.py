@@ -1,12 +1,14 @@
 """``koopman-distill visit``: record the observation histories a policy meets in closed loop.
 
 The students are distilled on teacher trajectories, but the demonstrations alone cover only the expert's
-states. In closed loop the teacher, and a student more so, drift to states the expert never reached,
-where a student trained on demonstration states only is off (Push-T: oneflow's chunk error to the DDIM-10
-teacher for the same noise is 0.0013 on demonstration states and 0.0087 on states the teacher visits, as
-large as the spread between two noises). Labelling visited states with the teacher (``teacher-data
---visited``) is the offline form of DAgger: the teacher, not the expert, is the label, so nothing beyond the
-teacher is learned. Rollout seeds should differ from the evaluation's (``eval --seed``, default 1000).
+states; in closed loop the teacher, and a student more so, drift to states the expert never reached.
+Labelling visited states with the teacher (``teacher-data --visited``) is the offline form of DAgger: the
+teacher, not the expert, gives the labels, so nothing beyond the teacher is learned. Measured on Push-T
+(width-256 oneflow, DDIM-10 labels, 200 teacher episodes added to the demonstrations): the student's chunk
+error to the teacher for the same noise, on 4 episodes of its own, fell from 0.0042 to 0.0019 (normalised
+units; two teacher noises differ by 0.0071), yet its mean max coverage stayed where it was (0.298, 0.291):
+the data is cheap and kept, the gains came from the sampler distilled and the width (see the Makefile).
+Rollout seeds should differ from the evaluation's (``eval --seed``, default 1000).
 """
 
 from __future__ import annotations
