@@ -213,6 +213,12 @@ def test_image_history_keeps_the_model_spacing_at_a_faster_policy_rate() -> None
         assert o.stamp_ns == T0 + (t - 1) * 10 * MS
         np.testing.assert_allclose(o.history[:, 0, 0, 0] * 255, [k - 2, k], atol=1e-4)  # 0.1 s = two frames
     assert b.history.gaps == 0
+    b.set_episode(1)  # the last frame belongs to episode 0: the new history waits for the next frame
+    assert all(b.tick(T0 + (61 + i) * 10 * MS) is None for i in range(4)) and len(b.history) == 0
+    b.on_frame(T0 + 650 * MS, np.full((8, 8, 3), 200, np.uint8))
+    o = b.tick(T0 + 660 * MS)
+    assert o is not None and o.episode == 1 and o.padded
+    np.testing.assert_allclose(o.history[:, 0, 0, 0] * 255, [200, 200], atol=1e-3)
 
 
 # -- chunks ----------------------------------------------------------------------------------------------------

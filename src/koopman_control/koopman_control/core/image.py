@@ -133,8 +133,10 @@ class ImageObservationBuilder:
                 self._fault(InputStatus.INVALID, "frame normalised to NaN/inf")
                 return None
             self._last_used_stamp, self._img = stamp, img
-        elif self.history.stride == 1:
-            return None  # the camera is slower than the policy rate: nothing is re-sent as new
+        elif self.history.stride == 1 or self._pad_next:
+            # The camera is slower than the policy rate (nothing is re-sent as new), or a new episode
+            # starts: its history starts from a frame that arrived after the episode did.
+            return None
         obs = self.history.push(stamp if self.history.stride == 1 else now_ns, self._img, self.episode,
                                 pad=self._pad_next)
         self._pad_next = False
