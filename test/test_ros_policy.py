@@ -234,22 +234,24 @@ def test_student_failure_hands_over_to_teacher_within_one_period(running, faulty
     assert "non-finite" not in stack["sim"].driver.executor.counters.reject_reasons
 
 
-def test_closed_loop_episode_with_shipped_student_reaches_target() -> None:
+def test_closed_loop_episodes_with_shipped_student_reach_target() -> None:
     from koopman_policy.catalog import resolve_policy
 
     entry = resolve_policy(None)
     assert entry.onnx is not None and entry.onnx.is_file(), f"the shipped default student {entry.onnx} is missing"
     ctx = ros_context()
     results: list[dict] = []
-    stack = Stack.from_args(StackArgs(), overrides={"sim": {"auto_reset": False, "seed": 0}}, context=ctx)
+    stack = Stack.from_args(StackArgs(), overrides={"sim": {"seed": 0}}, context=ctx)
     try:
         node = stack["sim"]
-        wait_until(lambda: node.driver.results, 20.0, interval=0.1, what="the end of the first episode")
-        results = node.driver.results
+        wait_until(lambda: len(node.driver.results) >= 3, 45.0, interval=0.1, what="three episodes")
+        results = node.driver.results[:3]
         stack.check()
     finally:
         stack.close()
         rclpy.shutdown(context=ctx)
-    r = results[0]
-    assert r["success"] and not r["collision"], r
-    assert r["min_distance"] < 0.02
+    # The node redraws its noise per decision, keyed on the tick stamps, so an episode through DDS is one
+    # draw of a policy that succeeds in 0.97 of them (139 of 143 in models/bench_stack_10hz.json): two of three.
+    reached = [r for r in results if r["success"] and not r["collision"]]
+    assert len(reached) >= 2, results
+    assert all(r["min_distance"] < 0.02 for r in reached), reached
