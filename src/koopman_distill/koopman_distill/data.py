@@ -68,33 +68,44 @@ class TeacherData:
         return {"obs": self.obs, "states": self.states}
 
 
-def write_teacher_data(path: str | Path, obs: torch.Tensor, states: torch.Tensor, timesteps: torch.Tensor,
-                       **attrs: object) -> None:
+def _write_h5(path: str | Path, datasets: dict[str, np.ndarray], attrs: dict[str, object]) -> None:
+    """Write datasets and attributes under a temporary name, then rename: a crash mid-write never leaves a
+    truncated file under the real name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".partial")
     with h5py.File(tmp, "w") as f:
-        f.create_dataset("obs", data=obs.numpy().astype(np.float32))
-        f.create_dataset("states", data=states.numpy().astype(np.float32))
-        f.create_dataset("timesteps", data=timesteps.numpy().astype(np.int64))
+        for key, data in datasets.items():
+            f.create_dataset(key, data=data)
         for key, value in attrs.items():
             f.attrs[key] = value
-    tmp.replace(path)  # a crash mid-write never leaves a truncated file under the real name
+    tmp.replace(path)
+
+
+def _read_h5(path: str | Path, keys: tuple[str, ...], what: str, command: str) -> tuple[list[np.ndarray], dict]:
+    """The datasets ``keys`` and the attributes of ``what`` (written by ``koopman-distill command``); a missing,
+    unreadable or incomplete file is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist (run `koopman-distill {command}`)")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in keys if k not in f]
+            if missing:
+                raise ValueError(f"{what} {path} lacks {missing}")
+            return [f[k][()] for k in keys], dict(f.attrs)
+    except OSError as err:
+        raise ValueError(f"{what} {path} cannot be read: {err}") from None
+
+
+def write_teacher_data(path: str | Path, obs: torch.Tensor, states: torch.Tensor, timesteps: torch.Tensor,
+                       **attrs: object) -> None:
+    _write_h5(path, {"obs": obs.numpy().astype(np.float32), "states": states.numpy().astype(np.float32),
+                     "timesteps": timesteps.numpy().astype(np.int64)}, attrs)
 
 
 def read_teacher_data(path: str | Path) -> TeacherData:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"teacher data {path} does not exist (run `koopman-distill teacher-data`)")
-    try:
-        with h5py.File(path, "r") as f:
-            missing = [k for k in ("obs", "states", "timesteps") if k not in f]
-            if missing:
-                raise ValueError(f"teacher data {path} lacks {missing}")
-            obs, states, timesteps = f["obs"][()], f["states"][()], f["timesteps"][()]
-            attrs = dict(f.attrs)
-    except OSError as err:
-        raise ValueError(f"teacher data {path} cannot be read: {err}") from None
+    (obs, states, timesteps), attrs = _read_h5(path, ("obs", "states", "timesteps"), "teacher data", "teacher-data")
     if obs.ndim != 3 or states.ndim != 4 or len(obs) != len(states) or states.shape[1] != len(timesteps):
         raise ValueError(f"teacher data {path} has inconsistent shapes: obs {obs.shape}, states {states.shape}")
     return TeacherData(torch.from_numpy(obs), torch.from_numpy(states), torch.from_numpy(timesteps),
@@ -102,28 +113,12 @@ def read_teacher_data(path: str | Path) -> TeacherData:
 
 
 def write_visited(path: str | Path, obs: np.ndarray, **attrs: object) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".partial")
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("obs", data=np.asarray(obs, dtype=np.float32))
-        for key, value in attrs.items():
-            f.attrs[key] = value
-    tmp.replace(path)
+    _write_h5(path, {"obs": np.asarray(obs, dtype=np.float32)}, attrs)
 
 
 def read_visited(path: str | Path, n_obs_steps: int, obs_dim: int) -> torch.Tensor:
     """Observation histories ``(N, To, Do)`` of a visited-state file, checked against the teacher's shape."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"visited states {path} do not exist (run `koopman-distill visit`)")
-    try:
-        with h5py.File(path, "r") as f:
-            if "obs" not in f:
-                raise ValueError(f"visited states {path} lack /obs")
-            obs = f["obs"][()]
-    except OSError as err:
-        raise ValueError(f"visited states {path} cannot be read: {err}") from None
+    (obs,), _ = _read_h5(path, ("obs",), "visited states", "visit")
     if obs.ndim != 3 or tuple(obs.shape[1:]) != (n_obs_steps, obs_dim):
         raise ValueError(f"visited states {path} hold histories of shape {obs.shape[1:]}, "
                          f"the teacher takes ({n_obs_steps}, {obs_dim})")
