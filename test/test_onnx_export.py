@@ -86,6 +86,20 @@ def test_policy_parity_and_interface(method: str, tmp_path) -> None:
     assert isinstance(runtime.last_ood_score, float)
 
 
+def test_unet_oneflow_parity(tmp_path) -> None:
+    """The U-Net backbone exports as the MLP one does: same interface, same numbers."""
+    torch.manual_seed(0)
+    policy = make_policy("oneflow")
+    unet = POLICIES["oneflow"](dataclasses.replace(policy.config, backbone="unet", down_dims=(16, 32),
+                                                     step_embed_dim=16)).eval()
+    unet.copy_normalizers(policy)
+    runtime = OnnxPolicy(export_policy(unet, tmp_path / "policy.onnx"))
+    obs, noise = random_inputs(unet, 200)
+    with torch.no_grad():
+        want = unet.predict_action(obs, noise).numpy()
+    assert np.abs(runtime.predict_action(obs.numpy(), noise.numpy()) - want).max() < TOL
+
+
 def test_bc_keeps_an_unused_noise_input(tmp_path) -> None:
     policy = make_policy("bc")
     path = export_policy(policy, tmp_path / "bc.onnx")

@@ -146,3 +146,22 @@ def test_progress_embedding_separates_trajectory_steps(method):
     e = embed(torch.tensor([0.0, 0.1, 1.0]))
     assert (e[0] - e[1]).norm() > 0.3 * e[0].norm()
     assert (e[1] - e[2]).norm() > 0.3 * e[0].norm()
+
+
+def test_oneflow_unet_backbone_starts_from_the_teacher_and_trains():
+    unet = {"down_dims": (16, 32), "step_embed_dim": 16}
+    teacher = make("teacher", **unet)
+    student = make("oneflow", backbone="unet", **unet)
+    assert student.init_from_teacher(teacher)
+    for (k, v), (k2, v2) in zip(student.unet.state_dict().items(), teacher.model.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2)
+    loss = student.compute_loss(batch())
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in student.parameters())
+    # An MLP student has nothing to take; a student told not to takes nothing.
+    assert not make("oneflow").init_from_teacher(teacher)
+    assert not make("oneflow", backbone="unet", teacher_init=False, **unet).init_from_teacher(teacher)
+    with pytest.raises(ValueError, match="down_dims"):
+        make("oneflow", backbone="unet").init_from_teacher(teacher)
+    with pytest.raises(ValueError, match="backbone must be one of"):
+        make("oneflow", backbone="transformer")

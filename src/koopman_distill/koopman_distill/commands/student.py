@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     policy = cls(config)
     policy.copy_normalizers(teacher)
+    initialised = policy.init_from_teacher(teacher)
     trained, metrics = train(policy, data.tensors(), train_config(args), args.out, args.resume,
                              desc=args.method)
     extra: dict = {}
@@ -72,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
                  "visited_sha256": data.attrs.get("visited_sha256", ""), "trajectories": len(data.obs)},
         "commit": git_commit(),
         "parameters": trained.num_parameters(),
+        "initialised_from_teacher": initialised,
         "training": metrics,
         **extra,
     }

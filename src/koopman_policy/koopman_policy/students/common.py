@@ -28,6 +28,10 @@ class OneStepStudent(BasePolicy):
         super().__init__(config)
         self.cond_encoder = mlp(self.cond_dim, config.hidden_dim, config.cond_embed_dim, depth=1)
 
+    def init_from_teacher(self, teacher: BasePolicy) -> bool:
+        """Take what the teacher's weights offer before training; True if anything was taken."""
+        return False
+
     def unpack(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Flat normalised obs ``(B, To*Do)``, flat noise x_T and flat teacher chunk x_0 ``(B, H*Da)``."""
         obs_n = self.encode_obs(batch["obs"])
