@@ -63,6 +63,19 @@ def test_every_student_method_distils_and_loads(pipeline, method):
     assert chunk.shape == (1, 16, 7) and torch.isfinite(chunk).all()
 
 
+def test_unet_oneflow_starts_from_the_teacher(pipeline, capsys):
+    common = ["student", "--method", "oneflow", "--teacher", str(pipeline / "teacher"), "--teacher-data",
+              str(pipeline / "td.h5"), "--steps", "5", "--batch-size", "16", "--set", "backbone=unet"]
+    out = pipeline / "oneflow_unet"
+    assert main([*common, "--out", str(out), *TINY_TEACHER]) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["initialised_from_teacher"] is True
+    assert card["parameters"] == load_policy(pipeline / "teacher").num_parameters()
+    # A U-Net of other widths cannot take the teacher's weights: a clear error, nothing written.
+    assert main([*common, "--out", str(pipeline / "oneflow_wide")]) == 2
+    assert "down_dims" in capsys.readouterr().err and not (pipeline / "oneflow_wide").exists()
+
+
 def test_eval_writes_json_table_and_plot(pipeline):
     assert main(["student", "--method", "bc", "--teacher", str(pipeline / "teacher"), "--teacher-data",
                  str(pipeline / "td.h5"), "--out", str(pipeline / "bc_eval"), "--steps", "5", *TINY_STUDENT]) == 0
