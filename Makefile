@@ -62,10 +62,12 @@ models: setup
 # successful episodes out of 300, evaluated over 50 seeded episodes; results_table joins both tasks.
 # The students distil DDIM-30 (0.68 mean max coverage against DDIM-10's 0.57 on the evaluation seeds), on the
 # demonstrations' histories and on those the DDIM-10 teacher meets in 200 closed-loop episodes (seeds 5000-5199).
-# Width 512 (256: oneflow 0.38 against 0.46 at 512 on the same data, 0.29 on DDIM-10 data); oneflow weighs its
-# terminal step, the one-step query, 4 times (0.51 against 0.46 at weight 1) and trains 36000 steps.
-PUSHT_STUDENT := $(KD) student --teacher models/pusht_teacher --teacher-data $(DATA)/pusht_teacher_data.h5 \
-	--set hidden_dim=512
+# Width 512 (256: oneflow 0.38 against 0.46 at 512 on the same data, 0.29 on DDIM-10 data). oneflow is the
+# teacher's U-Net started from the teacher's weights (MLP 0.50 after 36000 steps; U-Net 0.57 after 8000, 0.52
+# from random weights), weighs its terminal step, the one-step query, 4 times (MLP: 0.51 against 0.46 at
+# weight 1) and trains 16000 steps, about 22 passes over the data (the paper: about 20 epochs).
+PUSHT_TEACHER_DATA := --teacher models/pusht_teacher --teacher-data $(DATA)/pusht_teacher_data.h5
+PUSHT_STUDENT := $(KD) student $(PUSHT_TEACHER_DATA) --set hidden_dim=512
 models-pusht: setup
 	mkdir -p $(DATA)
 	$(VENV)/bin/koopman-sim collect --task pusht --episodes 300 --seed 0 \
@@ -77,7 +79,8 @@ models-pusht: setup
 	$(KD) teacher-data --teacher models/pusht_teacher --data $(DATA)/pusht_demos.h5 \
 		--visited $(DATA)/pusht_visited_teacher.h5 --out $(DATA)/pusht_teacher_data.h5 --steps 30 --draws 2
 	for m in kdm dkoopman cd bc; do $(PUSHT_STUDENT) --method $$m --out models/pusht_$$m --steps 8000 || exit 1; done
-	$(PUSHT_STUDENT) --method oneflow --out models/pusht_oneflow --steps 36000 --set terminal_loss_weight=4
+	$(KD) student $(PUSHT_TEACHER_DATA) --method oneflow --out models/pusht_oneflow --steps 16000 \
+		--set backbone=unet --set terminal_loss_weight=4
 	$(KD) export --checkpoint models/pusht_teacher --teacher-steps 30
 	for m in $(STUDENTS); do $(KD) export --checkpoint models/pusht_$$m || exit 1; done
 	$(KD) eval --task pusht --policies pusht_teacher,pusht_kdm,pusht_dkoopman,pusht_oneflow,pusht_cd,pusht_bc \
@@ -85,6 +88,9 @@ models-pusht: setup
 	# The DDIM-30 teacher (its unrolled ONNX graph), the sampler whose trajectories the students distil.
 	$(KD) eval --task pusht --policies pusht_teacher --backend onnx --episodes 50 \
 		--json models/eval_pusht_teacher_ddim30.json
+	# The teacher and the best student on 200 further seeds: how much of the 50-seed comparison is luck.
+	$(KD) eval --task pusht --policies pusht_teacher,pusht_oneflow --episodes 200 --seed 2000 \
+		--json models/eval_pusht_seeds2000.json
 	$(KD) bench --task pusht --ddim-steps 30 --json models/bench_pusht.json
 	$(MAKE) results-table
 
