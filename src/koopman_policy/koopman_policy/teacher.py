@@ -18,16 +18,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from koopman_policy.base import BasePolicy, PolicyConfig
-from koopman_policy.modeling.unet1d import ConditionalUnet1D
+from koopman_policy.modeling.unet1d import ConditionalUnet1D, UnetConfig
 
 
 @dataclass
-class DiffusionConfig(PolicyConfig):
-    down_dims: tuple[int, ...] = (32, 64, 128)
-    kernel_size: int = 5
-    n_groups: int = 8
-    step_embed_dim: int = 64
-    num_train_timesteps: int = 100
+class DiffusionConfig(PolicyConfig, UnetConfig):
     beta_schedule: str = "squaredcos_cap_v2"
     clip_sample: bool = True
     sampler: str = "ddpm"  # "ddpm" (ancestral, num_train_timesteps steps) or "ddim" (deterministic)
@@ -56,14 +51,7 @@ class DiffusionPolicy(BasePolicy):
         super().__init__(config)
         if config.sampler not in ("ddpm", "ddim"):
             raise ValueError(f"teacher: sampler must be 'ddpm' or 'ddim', got {config.sampler!r}")
-        self.model = ConditionalUnet1D(
-            config.action_dim,
-            self.cond_dim,
-            down_dims=tuple(config.down_dims),
-            kernel_size=config.kernel_size,
-            n_groups=config.n_groups,
-            step_embed_dim=config.step_embed_dim,
-        )
+        self.model = ConditionalUnet1D.from_config(config.action_dim, self.cond_dim, config)
         sched = dict(
             num_train_timesteps=config.num_train_timesteps,
             beta_schedule=config.beta_schedule,

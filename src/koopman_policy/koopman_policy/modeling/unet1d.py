@@ -7,11 +7,24 @@ the flattened observation history condition every residual block through a per-c
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from koopman_policy.modeling.layers import SinusoidalEmbedding
+
+
+@dataclass
+class UnetConfig:
+    """The denoiser's architecture and the diffusion steps its step embedding reads: the fields the teacher's
+    config and a student built on the teacher's network share, so that one can take the other's weights."""
+
+    down_dims: tuple[int, ...] = (32, 64, 128)
+    kernel_size: int = 5
+    n_groups: int = 8
+    step_embed_dim: int = 64
+    num_train_timesteps: int = 100
 
 
 class ConvNormMish(nn.Sequential):
@@ -74,6 +87,11 @@ class ConditionalUnet1D(nn.Module):
         self.final = nn.Sequential(
             ConvNormMish(down_dims[0], down_dims[0], kernel_size, n_groups), nn.Conv1d(down_dims[0], action_dim, 1)
         )
+
+    @classmethod
+    def from_config(cls, action_dim: int, cond_dim: int, config: UnetConfig) -> ConditionalUnet1D:
+        return cls(action_dim, cond_dim, down_dims=tuple(config.down_dims), kernel_size=config.kernel_size,
+                   n_groups=config.n_groups, step_embed_dim=config.step_embed_dim)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         if timestep.dim() == 0:

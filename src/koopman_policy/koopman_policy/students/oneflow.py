@@ -32,25 +32,19 @@ from torch.nn import functional as F
 
 from koopman_policy.base import BasePolicy
 from koopman_policy.modeling.layers import SinusoidalEmbedding, mlp
-from koopman_policy.modeling.unet1d import ConditionalUnet1D
+from koopman_policy.modeling.unet1d import ConditionalUnet1D, UnetConfig
 from koopman_policy.students.common import OneStepStudent, StudentConfig
 
 BACKBONES = ("mlp", "unet")
 
 
 @dataclass
-class OneFlowConfig(StudentConfig):
+class OneFlowConfig(StudentConfig, UnetConfig):
     depth: int = 4
     time_embed_dim: int = 32
     terminal_loss_weight: float = 1.0
     backbone: str = "mlp"
-    # U-Net backbone only: the teacher's architecture (DiffusionConfig's defaults) and its diffusion steps.
-    down_dims: tuple[int, ...] = (32, 64, 128)
-    kernel_size: int = 5
-    n_groups: int = 8
-    step_embed_dim: int = 64
-    num_train_timesteps: int = 100
-    teacher_init: bool = True
+    teacher_init: bool = True  # U-Net backbone only, as are the UnetConfig fields (the teacher's defaults)
 
 
 class OneFlowPolicy(OneStepStudent):
@@ -64,10 +58,7 @@ class OneFlowPolicy(OneStepStudent):
             raise ValueError(f"oneflow: backbone must be one of {BACKBONES}, got {config.backbone!r}")
         if config.backbone == "unet":
             self.cond_encoder = nn.Identity()  # the U-Net's FiLM layers read the normalised history itself
-            self.unet = ConditionalUnet1D(
-                config.action_dim, self.cond_dim, down_dims=tuple(config.down_dims),
-                kernel_size=config.kernel_size, n_groups=config.n_groups, step_embed_dim=config.step_embed_dim,
-            )
+            self.unet = ConditionalUnet1D.from_config(config.action_dim, self.cond_dim, config)
         else:
             self.time_embed = SinusoidalEmbedding(config.time_embed_dim, max_period=100.0, scale=100.0)
             in_dim = self.chunk_dim + config.cond_embed_dim + config.time_embed_dim
