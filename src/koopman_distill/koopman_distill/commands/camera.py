@@ -152,13 +152,14 @@ def run_teacher(args: argparse.Namespace) -> int:
     policy.fit_normalizers(demos.tensors[STATE_KEY], demos.tensors["action"])
     if aux:
         policy.fit_aux(demos.tensors[AUX_KEY])
+    commit = git_commit()  # before training writes checkpoints into --out, which may be tracked
     trained, metrics = train(policy, demos.tensors, train_config(args), args.out, args.resume,
                              desc="camera-teacher")
     card = {
         **_card_head(args, trained, config),
         "data": {"path": str(args.data), "sha256": demos.sha256, "samples": len(demos.tensors[STATE_KEY]),
                  "episodes": demos.episodes},
-        "commit": git_commit(),
+        "commit": commit,
         "parameters": trained.num_parameters(),
         "training": {**metrics, "threads": torch.get_num_threads()},
     }
@@ -246,6 +247,7 @@ def run_student(args: argparse.Namespace) -> int:
         tensors = {IMAGE_KEY: FrameWindows(frames.frames, frame_index), STATE_KEY: data.obs, "states": data.states}
     if demos.aux_table is not None:
         tensors[AUX_KEY] = demos.aux_table[frame_index]
+    commit = git_commit()  # before training writes checkpoints into --out, which may be tracked
     trained, metrics = train(policy, tensors, train_config(args), args.out, args.resume, desc="camera-student")
     threshold = ood_threshold(trained, tensors, data.states[:, 0])
     card = {
@@ -253,7 +255,7 @@ def run_student(args: argparse.Namespace) -> int:
         "teacher": {"path": str(args.teacher), "sha256": data.attrs.get("teacher_sha256", "")},
         "data": {"path": str(args.teacher_data), "sha256": data.sha256, "dataset_path": str(args.data),
                  "dataset_sha256": demos.sha256, "trajectories": len(data.obs)},
-        "commit": git_commit(),
+        "commit": commit,
         "parameters": trained.num_parameters(),
         "training": {**metrics, "threads": torch.get_num_threads()},
         "ood_threshold": threshold,

@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     policy = cls(config)
     policy.copy_normalizers(teacher)
     initialised = policy.init_from_teacher(teacher)
+    commit = git_commit()  # before training writes checkpoints into --out, which may be tracked
     trained, metrics = train(policy, data.tensors(), train_config(args), args.out, args.resume,
                              desc=args.method)
     extra: dict = {}
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         "data": {"path": str(args.teacher_data), "sha256": data.sha256,
                  "dataset_sha256": data.attrs.get("dataset_sha256", ""),
                  "visited_sha256": data.attrs.get("visited_sha256", ""), "trajectories": len(data.obs)},
-        "commit": git_commit(),
+        "commit": commit,
         "parameters": trained.num_parameters(),
         "initialised_from_teacher": initialised,
         "training": metrics,

@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     policy = DiffusionPolicy(config)
     policy.fit_normalizers(tensors["obs"], tensors["action"])
+    commit = git_commit()  # before training writes checkpoints into --out, which may be tracked
     trained, metrics = train(policy, tensors, train_config(args), args.out, args.resume, desc="teacher")
     card = {
         "name": args.out.name,
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         "command": args.command_line,
         "data": {"path": str(args.data), "sha256": demos.sha256, "samples": len(tensors["obs"]),
                  "episodes": len(demos.episode_ends)},
-        "commit": git_commit(),
+        "commit": commit,
         "parameters": trained.num_parameters(),
         "training": metrics,
     }
