@@ -109,7 +109,8 @@ def plot_pusht(stats: dict[str, RolloutStats], path: Path) -> None:
         ax.set_aspect("equal")
     for ax in axes.flat[len(stats):]:
         ax.axis("off")
-    fig.suptitle("Push-T disc paths (blue success, grey not; goal pose green)", fontsize=10)
+    caption = "Push-T disc paths (blue success, grey not; goal pose green)"
+    fig.suptitle(caption.replace(" (", "\n(") if cols == 1 else caption, fontsize=10)  # one panel is narrow
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
