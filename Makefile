@@ -91,6 +91,9 @@ models-pusht: setup
 	# The teacher and the best student on 200 further seeds: how much of the 50-seed comparison is luck.
 	$(KD) eval --task pusht --policies pusht_teacher,pusht_oneflow --episodes 200 --seed 2000 \
 		--json models/eval_pusht_seeds2000.json
+	# The DDIM-30 teacher on the same seeds: how much of the student's gap is the sampler it distils.
+	$(KD) eval --task pusht --policies pusht_teacher --backend onnx --episodes 200 --seed 2000 \
+		--json models/eval_pusht_teacher_ddim30_seeds2000.json
 	$(KD) bench --task pusht --ddim-steps 30 --json models/bench_pusht.json
 	$(MAKE) results-table
 
