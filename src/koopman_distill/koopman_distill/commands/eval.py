@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,6 +84,26 @@ def markdown_table(results: dict[str, dict], task: str = "gen3_reach_obstacle") 
     return "\n".join(lines) + "\n"
 
 
+CAPTION_CHARS_PER_INCH = 13  # 10 pt DejaVu Sans, with a margin
+
+
+def save_panels(fig: Any, caption: str, path: Path, dpi: int) -> None:
+    """Caption, lay out, save and close a grid of policy panels.
+
+    A caption wider than the figure (one or two panels) is broken before its key in brackets, then wrapped,
+    rather than cut off at the image's edges.
+    """
+    import matplotlib.pyplot as plt
+
+    width = int(fig.get_figwidth() * CAPTION_CHARS_PER_INCH)
+    if len(caption) > width:
+        caption = "\n".join(textwrap.fill(line, width) for line in caption.replace(" (", "\n(", 1).split("\n"))
+    fig.suptitle(caption, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def plot_pusht(stats: dict[str, RolloutStats], path: Path) -> None:
     """Every episode's disc path on the table, one panel per policy, with the goal T."""
     import matplotlib
@@ -109,11 +131,7 @@ def plot_pusht(stats: dict[str, RolloutStats], path: Path) -> None:
         ax.set_aspect("equal")
     for ax in axes.flat[len(stats):]:
         ax.axis("off")
-    caption = "Push-T disc paths (blue success, grey not; goal pose green)"
-    fig.suptitle(caption.replace(" (", "\n(") if cols == 1 else caption, fontsize=10)  # one panel is narrow
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_panels(fig, "Push-T disc paths (blue success, grey not; goal pose green)", path, dpi=110)
 
 
 def plot_paths(stats: dict[str, RolloutStats], path: Path) -> None:
@@ -144,11 +162,8 @@ def plot_paths(stats: dict[str, RolloutStats], path: Path) -> None:
         ax.set_ylabel("y (m)")
     for ax in axes.flat[len(stats):]:
         ax.axis("off")
-    fig.suptitle("End-effector paths, top view (green success, red collision, grey timeout; pillar and target "
-                 "of the first episode)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_panels(fig, "End-effector paths, top view (green success, red collision, grey timeout; pillar and target "
+                "of the first episode)", path, dpi=120)
 
 
 def run(args: argparse.Namespace) -> int:
