@@ -76,6 +76,37 @@ def test_unet_oneflow_starts_from_the_teacher(pipeline, capsys):
     assert "down_dims" in capsys.readouterr().err and not (pipeline / "oneflow_wide").exists()
 
 
+def test_oneflow_continues_from_a_student_with_a_demonstration_loss(pipeline, capsys):
+    common = ["student", "--method", "oneflow", "--teacher", str(pipeline / "teacher"), "--teacher-data",
+              str(pipeline / "td.h5"), "--steps", "5", "--batch-size", "16"]
+    first = pipeline / "oneflow_first"
+    assert main([*common, "--out", str(first), *TINY_STUDENT]) == 0
+    demos = ["--demos", str(pipeline / "demos.h5")]
+    out = pipeline / "oneflow_demos"
+    assert main([*common, "--out", str(out), "--init", str(first), *demos, "--set", "demo_loss_weight=1"]) == 0
+    card, first_card = (json.loads((d / "card.json").read_text()) for d in (out, first))
+    assert card["initialised_from"]["sha256"] == file_sha256(first / "model.safetensors")
+    assert card["initialised_from"]["command"] == first_card["command"] and not card["initialised_from_teacher"]
+    assert card["demos"]["sha256"] == file_sha256(pipeline / "demos.h5") and card["demos"]["windows"] > 0
+    policy, start = load_policy(out), load_policy(first)
+    assert policy.config.hidden_dim == 32 and policy.config.demo_loss_weight == 1.0  # the init's config, --set on top
+    assert any(not torch.equal(a, b) for a, b in zip(policy.state_dict().values(), start.state_dict().values(),
+                                                      strict=True))
+    # Every mismatch is a clear error and writes nothing.
+    collect("gen3_reach_obstacle", episodes=1, out=pipeline / "other_demos.h5", seed=9, progress=False)
+    init = ["--init", str(first)]
+    refused = [
+        ([*init, "--set", "demo_loss_weight=1"], "needs --demos"),
+        ([*init, *demos], "only by a student with demo_loss_weight"),
+        ([*init, "--demos", str(pipeline / "other_demos.h5"), "--set", "demo_loss_weight=1"], "another dataset"),
+        (["--init", str(pipeline / "teacher")], "not oneflow"),
+    ]
+    for extra, message in refused:
+        bad = pipeline / "oneflow_refused"
+        assert main([*common, "--out", str(bad), *extra]) == 2
+        assert message in capsys.readouterr().err and not bad.exists()
+
+
 def test_eval_writes_json_table_and_plot(pipeline):
     assert main(["student", "--method", "bc", "--teacher", str(pipeline / "teacher"), "--teacher-data",
                  str(pipeline / "td.h5"), "--out", str(pipeline / "bc_eval"), "--steps", "5", *TINY_STUDENT]) == 0

@@ -165,3 +165,27 @@ def test_oneflow_unet_backbone_starts_from_the_teacher_and_trains():
         make("oneflow", backbone="unet").init_from_teacher(teacher)
     with pytest.raises(ValueError, match="backbone must be one of"):
         make("oneflow", backbone="transformer")
+
+
+def test_oneflow_demo_loss_keeps_two_demonstrated_modes_apart():
+    """Nearest-of-K on demonstrations that go either way from the same state: the student learns both ways,
+    not their average, which a plain regression would learn."""
+    torch.manual_seed(0)
+    policy = make("oneflow", obs_dim=2, action_dim=2, horizon=4, demo_loss_weight=1.0, demo_draws=8)
+    modes = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
+    obs = torch.zeros(64, TO, 2)
+    action = modes[torch.arange(64) % 2][:, None].expand(64, 4, 2)
+    with pytest.raises(ValueError, match="demonstration windows"):
+        policy.compute_loss({"obs": obs, "states": torch.randn(64, K + 1, 4, 2)})
+    opt = torch.optim.Adam(policy.parameters(), lr=3e-3)
+    for _ in range(300):
+        opt.zero_grad()
+        policy.demo_loss(obs, action).backward()
+        opt.step()
+    chunks = policy.eval().predict_action(obs[:1].expand(400, -1, -1))
+    to_mode = (chunks[:, None] - modes[None, :, None]).square().mean((2, 3))  # (400, 2)
+    assert to_mode.min(1).values.median() < 0.05  # each draw lands near a demonstrated way
+    nearest = to_mode.argmin(1)
+    assert 0.2 < nearest.float().mean() < 0.8  # and both ways are drawn
+    with pytest.raises(ValueError, match="demo_draws"):
+        make("oneflow", demo_draws=0)

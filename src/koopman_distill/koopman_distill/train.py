@@ -40,6 +40,7 @@ class TrainConfig:
     ema_max: float = 0.9999
     seed: int = 0
     save_every: int = 1000
+    demo_batch_size: int = 128
 
 
 class EMA:
@@ -132,13 +133,19 @@ def train(
     out: str | Path,
     resume: bool = False,
     desc: str = "train",
+    demos: dict[str, torch.Tensor] | None = None,
 ) -> tuple[BasePolicy, dict[str, float]]:
-    """Train ``policy`` on random batches of ``tensors``; returns the EMA (or final) policy and metrics."""
+    """Train ``policy`` on random batches of ``tensors``; returns the EMA (or final) policy and metrics.
+
+    ``demos`` (demonstration windows, of another length than ``tensors``) are drawn independently,
+    ``cfg.demo_batch_size`` per step, and reach the policy under ``demo_`` keys.
+    """
     out = Path(out)
     rank, world = distributed()
     torch.manual_seed(cfg.seed)
     n = len(next(iter(tensors.values())))
-    if n < 1:
+    n_demos = len(next(iter(demos.values()))) if demos else 0
+    if n < 1 or (demos is not None and n_demos < 1):
         raise ValueError("no training samples")
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(policy, cfg.ema_power, cfg.ema_max) if cfg.ema else None
@@ -153,7 +160,11 @@ def train(
                total=cfg.steps)
     for step in bar:
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
-        loss = model({k: v[idx] for k, v in tensors.items()})
+        batch = {k: v[idx] for k, v in tensors.items()}
+        if demos:
+            jdx = torch.randint(0, n_demos, (cfg.demo_batch_size,), generator=gen)
+            batch |= {f"demo_{k}": v[jdx] for k, v in demos.items()}
+        loss = model(batch)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg)
         opt.zero_grad(set_to_none=True)

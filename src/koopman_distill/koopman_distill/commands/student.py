@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from koopman_distill.commands.common import add_train_args, config_overrides, finish, train_config
-from koopman_distill.data import read_teacher_data
+from koopman_distill.data import episode_windows, file_sha256, read_teacher_data
 from koopman_distill.provenance import git_commit
 from koopman_distill.train import is_main_process, train
-from koopman_policy.checkpoint import load_policy, save_policy
+from koopman_policy.base import PolicyConfig
+from koopman_policy.checkpoint import WEIGHTS, load_policy, save_policy
 from koopman_policy.registry import STUDENT_METHODS, policy_class
 from koopman_policy.students.kdm import KoopmanStudent
+from koopman_sim.dataset import load_dataset
 
 # The OOD threshold is this multiple of the 99.9th percentile of the in-distribution latent residual:
 # a margin so that ordinary observations never trip the teacher fallback, while inputs off the training
@@ -28,6 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", required=True, choices=STUDENT_METHODS)
     p.add_argument("--teacher", required=True, type=Path, help="teacher checkpoint directory")
     p.add_argument("--teacher-data", required=True, type=Path, help="file from `koopman-distill teacher-data`")
+    p.add_argument("--demos", type=Path,
+                   help="the teacher's demonstration dataset, for a student with a demonstration loss "
+                        "(oneflow's demo_loss_weight)")
+    p.add_argument("--init", type=Path,
+                   help="continue from this trained student of the same method (its config, --set on top)")
     add_train_args(p, steps=6000, lr=1e-3)
     p.set_defaults(func=run)
 
@@ -40,6 +48,35 @@ def ood_threshold(policy: KoopmanStudent, obs: torch.Tensor, noise: torch.Tensor
     return float(OOD_MARGIN * np.quantile(scores.numpy(), 0.999))
 
 
+def demo_windows(args: argparse.Namespace, config: PolicyConfig, dataset_sha256: str | None
+                 ) -> tuple[dict[str, torch.Tensor] | None, dict | None]:
+    """The demonstration windows a student with a demonstration loss trains on, and their card entry; they
+    must be the data the teacher (and so the teacher data) was made from."""
+    wanted = getattr(config, "demo_loss_weight", 0.0) > 0
+    if args.demos is None:
+        if wanted:
+            raise ValueError(f"{args.method}: demo_loss_weight > 0 needs --demos (the teacher's dataset)")
+        return None, None
+    if not wanted:
+        raise ValueError(f"--demos is read only by a student with demo_loss_weight > 0 ({args.method} has none)")
+    demos = load_dataset(args.demos)
+    if dataset_sha256 and demos.sha256 != dataset_sha256:
+        raise ValueError(f"{args.teacher_data} was recorded on another dataset than {args.demos}")
+    if (demos.obs.shape[1], demos.action.shape[1]) != (config.obs_dim, config.action_dim):
+        raise ValueError(f"{args.demos} holds obs/action of width {demos.obs.shape[1]}/{demos.action.shape[1]}, "
+                         f"the teacher takes {config.obs_dim}/{config.action_dim}")
+    windows = episode_windows(demos.obs, demos.action, demos.episode_ends, config.horizon, config.n_obs_steps)
+    return windows, {"path": str(args.demos), "sha256": demos.sha256, "windows": len(windows["obs"])}
+
+
+def init_provenance(path: Path) -> dict:
+    """What a continued student started from: its weights' hash and its own card's command and commit."""
+    card_path = path / "card.json"
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    return {"path": str(path), "sha256": file_sha256(path / WEIGHTS), "command": card.get("command", ""),
+            "commit": card.get("commit", ""), "training": card.get("training", {})}
+
+
 def run(args: argparse.Namespace) -> int:
     teacher = load_policy(args.teacher)
     data = read_teacher_data(args.teacher_data)
@@ -50,6 +87,11 @@ def run(args: argparse.Namespace) -> int:
         n_action_steps=t.n_action_steps, control_dt=t.control_dt, obs_names=t.obs_names,
         action_names=t.action_names,
     )
+    init = load_policy(args.init) if args.init else None
+    if init is not None:
+        if init.method != args.method:
+            raise ValueError(f"--init {args.init} is a {init.method} student, not {args.method}")
+        base = init.config
     config = dataclasses.replace(base, **config_overrides(args.set, dataclasses.asdict(base)))
     if tuple(data.states.shape[2:]) != (config.horizon, config.action_dim):
         raise ValueError(f"teacher data chunks {tuple(data.states.shape[2:])} do not match the teacher's "
@@ -57,10 +99,17 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     policy = cls(config)
     policy.copy_normalizers(teacher)
-    initialised = policy.init_from_teacher(teacher)
+    if init is not None:
+        try:
+            policy.load_state_dict(init.state_dict())
+        except RuntimeError as err:
+            raise ValueError(f"--init {args.init}: its weights do not fit this config ({err})") from None
+    initialised = init is None and policy.init_from_teacher(teacher)
+    demos, demos_card = demo_windows(args, config, data.attrs.get("dataset_sha256"))
+    init_card = init_provenance(args.init) if args.init else None  # before --out, which may be --init, changes
     commit = git_commit()  # before training writes checkpoints into --out, which may be tracked
     trained, metrics = train(policy, data.tensors(), train_config(args), args.out, args.resume,
-                             desc=args.method)
+                             desc=args.method, demos=demos)
     extra: dict = {}
     if isinstance(trained, KoopmanStudent):
         extra["ood_threshold"] = ood_threshold(trained, data.obs, data.states[:, 0])
@@ -75,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
         "commit": commit,
         "parameters": trained.num_parameters(),
         "initialised_from_teacher": initialised,
+        **({"initialised_from": init_card} if init_card else {}),
+        **({"demos": demos_card} if demos_card else {}),
         "training": metrics,
         **extra,
     }
