@@ -67,6 +67,11 @@ class TeacherData:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"obs": self.obs, "states": self.states}
 
+    def check_dataset(self, sha256: str, data_path: str | Path, path: str | Path) -> None:
+        """Refuse demonstrations other than those this teacher data (read from ``path``) was recorded on."""
+        if self.attrs.get("dataset_sha256") not in (None, sha256):
+            raise ValueError(f"{path} was recorded on another dataset than {data_path}")
+
 
 def _write_h5(path: str | Path, datasets: dict[str, np.ndarray], attrs: dict[str, object]) -> None:
     """Write datasets and attributes under a temporary name, then rename: a crash mid-write never leaves a

@@ -222,8 +222,7 @@ def run_student(args: argparse.Namespace) -> int:
     frame_index = read_frame_index(args.teacher_data)
     t = teacher.config
     demos = load_camera_demos(args.data, t.horizon, t.n_obs_steps, t.aux_names)
-    if data.attrs.get("dataset_sha256") not in (None, demos.sha256):
-        raise ValueError(f"{args.teacher_data} was recorded on another dataset than {args.data}")
+    data.check_dataset(demos.sha256, args.data, args.teacher_data)
     shared = ("obs_dim", "action_dim", "horizon", "n_obs_steps", "n_action_steps", "control_dt", "obs_names",
               "action_names", "image_height", "image_width", "camera", "vision_dims", "keypoints", "aux_names",
               "aux_loss_weight")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from koopman_distill.commands.common import add_train_args, config_overrides, finish, train_config
-from koopman_distill.data import episode_windows, file_sha256, read_teacher_data
+from koopman_distill.data import TeacherData, episode_windows, file_sha256, read_teacher_data
 from koopman_distill.provenance import git_commit
 from koopman_distill.train import is_main_process, train
 from koopman_policy.base import PolicyConfig
@@ -48,7 +48,7 @@ def ood_threshold(policy: KoopmanStudent, obs: torch.Tensor, noise: torch.Tensor
     return float(OOD_MARGIN * np.quantile(scores.numpy(), 0.999))
 
 
-def demo_windows(args: argparse.Namespace, config: PolicyConfig, dataset_sha256: str | None
+def demo_windows(args: argparse.Namespace, config: PolicyConfig, data: TeacherData
                  ) -> tuple[dict[str, torch.Tensor] | None, dict | None]:
     """The demonstration windows a student with a demonstration loss trains on, and their card entry; they
     must be the data the teacher (and so the teacher data) was made from."""
@@ -60,8 +60,7 @@ def demo_windows(args: argparse.Namespace, config: PolicyConfig, dataset_sha256:
     if not wanted:
         raise ValueError(f"--demos is read only by a student with demo_loss_weight > 0 ({args.method} has none)")
     demos = load_dataset(args.demos)
-    if dataset_sha256 and demos.sha256 != dataset_sha256:
-        raise ValueError(f"{args.teacher_data} was recorded on another dataset than {args.demos}")
+    data.check_dataset(demos.sha256, args.demos, args.teacher_data)
     if (demos.obs.shape[1], demos.action.shape[1]) != (config.obs_dim, config.action_dim):
         raise ValueError(f"{args.demos} holds obs/action of width {demos.obs.shape[1]}/{demos.action.shape[1]}, "
                          f"the teacher takes {config.obs_dim}/{config.action_dim}")
@@ -105,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         except RuntimeError as err:
             raise ValueError(f"--init {args.init}: its weights do not fit this config ({err})") from None
     initialised = init is None and policy.init_from_teacher(teacher)
-    demos, demos_card = demo_windows(args, config, data.attrs.get("dataset_sha256"))
+    demos, demos_card = demo_windows(args, config, data)
     init_card = init_provenance(args.init) if args.init else None  # before --out, which may be --init, changes
     commit = git_commit()  # before training writes checkpoints into --out, which may be tracked
     trained, metrics = train(policy, data.tensors(), train_config(args), args.out, args.resume,
