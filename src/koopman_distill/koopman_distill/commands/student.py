@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from koopman_distill.data import TeacherData, episode_windows, file_sha256, read
 from koopman_distill.provenance import git_commit
 from koopman_distill.train import is_main_process, train
 from koopman_policy.base import PolicyConfig
-from koopman_policy.checkpoint import WEIGHTS, load_policy, save_policy
+from koopman_policy.checkpoint import WEIGHTS, load_extra, load_policy, save_policy
 from koopman_policy.registry import STUDENT_METHODS, policy_class
 from koopman_policy.students.kdm import KoopmanStudent
 from koopman_sim.dataset import load_dataset
@@ -70,8 +69,7 @@ def demo_windows(args: argparse.Namespace, config: PolicyConfig, data: TeacherDa
 
 def init_provenance(path: Path) -> dict:
     """What a continued student started from: its weights' hash and its own card's command and commit."""
-    card_path = path / "card.json"
-    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    card = load_extra(path).get("card", {})
     return {"path": str(path), "sha256": file_sha256(path / WEIGHTS), "command": card.get("command", ""),
             "commit": card.get("commit", ""), "training": card.get("training", {})}
 
