@@ -13,10 +13,12 @@ from koopman_distill.commands.common import add_train_args, config_overrides, fi
 from koopman_distill.data import TeacherData, episode_windows, file_sha256, read_teacher_data
 from koopman_distill.provenance import git_commit
 from koopman_distill.train import is_main_process, train
-from koopman_policy.base import PolicyConfig
+from koopman_policy.base import BasePolicy, PolicyConfig
 from koopman_policy.checkpoint import WEIGHTS, load_extra, load_policy, save_policy
 from koopman_policy.registry import STUDENT_METHODS, policy_class
 from koopman_policy.students.kdm import KoopmanStudent
+from koopman_policy.students.oneflow import OneFlowPolicy
+from koopman_policy.teacher import DiffusionPolicy
 from koopman_sim.dataset import load_dataset
 
 # The OOD threshold is this multiple of the 99.9th percentile of the in-distribution latent residual:
@@ -67,6 +69,29 @@ def demo_windows(args: argparse.Namespace, config: PolicyConfig, data: TeacherDa
     return windows, {"path": str(args.demos), "sha256": demos.sha256, "windows": len(windows["obs"])}
 
 
+def attach_refinement(policy: OneFlowPolicy, init: OneFlowPolicy | None, teacher: BasePolicy, data: TeacherData
+                      ) -> dict | None:
+    """Give a refining student (oneflow's refine_steps > 0) its source, the --init student, and the noise level
+    the teacher's trajectories have at refine_progress; returns the card's entry."""
+    config = policy.config
+    if getattr(config, "refine_steps", 0) <= 0:
+        return None
+    if init is None:
+        raise ValueError("oneflow: refine_steps > 0 needs --init, the trained student whose refined chunks it learns")
+    if not isinstance(teacher, DiffusionPolicy):
+        raise ValueError(f"refine_steps > 0 reads the noise schedule of the diffusion teacher, not a {teacher.method}")
+    steps = len(data.timesteps) - 1
+    index = config.refine_progress * steps
+    if abs(index - round(index)) > 1e-6:
+        raise ValueError(f"refine_progress {config.refine_progress} is not a point of the teacher data's "
+                         f"{steps}-step trajectories (a multiple of 1/{steps})")
+    t = int(data.timesteps[round(index)])
+    alpha_bar = float(teacher.ddpm.alphas_cumprod[t])
+    policy.attach_refinement_source(init, alpha_bar)
+    return {"steps": config.refine_steps, "progress": config.refine_progress, "diffusion_step": t,
+            "alpha_bar": alpha_bar}
+
+
 def init_provenance(path: Path) -> dict:
     """What a continued student started from: its weights' hash and its own card's command and commit."""
     card = load_extra(path).get("card", {})
@@ -102,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         except RuntimeError as err:
             raise ValueError(f"--init {args.init}: its weights do not fit this config ({err})") from None
     initialised = init is None and policy.init_from_teacher(teacher)
+    refinement = attach_refinement(policy, init, teacher, data)
     demos, demos_card = demo_windows(args, config, data)
     init_card = init_provenance(args.init) if args.init else None  # before --out, which may be --init, changes
     commit = git_commit()  # before training writes checkpoints into --out, which may be tracked
@@ -123,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
         "initialised_from_teacher": initialised,
         **({"initialised_from": init_card} if init_card else {}),
         **({"demos": demos_card} if demos_card else {}),
+        **({"refinement": refinement} if refinement else {}),
         "training": metrics,
         **extra,
     }
