@@ -107,6 +107,30 @@ def test_oneflow_continues_from_a_student_with_a_demonstration_loss(pipeline, ca
         assert message in capsys.readouterr().err and not bad.exists()
 
 
+def test_oneflow_learns_its_init_students_refined_chunk(pipeline, capsys):
+    common = ["student", "--method", "oneflow", "--teacher", str(pipeline / "teacher"), "--teacher-data",
+              str(pipeline / "td.h5"), "--steps", "5", "--batch-size", "16"]
+    source = pipeline / "oneflow_source"
+    assert main([*common, "--out", str(source), *TINY_STUDENT]) == 0
+    out = pipeline / "oneflow_refined"
+    refine = ["--set", "refine_steps=2", "--set", "refine_progress=0.6666666667"]  # 2 of the data's 3 steps
+    assert main([*common, "--out", str(out), "--init", str(source), *refine]) == 0
+    card = json.loads((out / "card.json").read_text())
+    t = int(read_teacher_data(pipeline / "td.h5").timesteps[2])
+    alpha_bar = float(load_policy(pipeline / "teacher").ddpm.alphas_cumprod[t])
+    assert card["refinement"] == {"steps": 2, "progress": 0.6666666667, "diffusion_step": t,
+                                  "alpha_bar": pytest.approx(alpha_bar)}
+    assert card["initialised_from"]["sha256"] == file_sha256(source / "model.safetensors")
+    assert load_policy(out).config.refine_steps == 2
+    # No source, or a progress between the teacher data's points: a clear error, nothing written.
+    for extra, message in (([*refine], "needs --init"),
+                           (["--init", str(source), "--set", "refine_steps=1", "--set", "refine_progress=0.5"],
+                            "not a point of the teacher data")):
+        bad = pipeline / "oneflow_refused"
+        assert main([*common, "--out", str(bad), *extra]) == 2
+        assert message in capsys.readouterr().err and not bad.exists()
+
+
 def test_eval_writes_json_table_and_plot(pipeline):
     assert main(["student", "--method", "bc", "--teacher", str(pipeline / "teacher"), "--teacher-data",
                  str(pipeline / "td.h5"), "--out", str(pipeline / "bc_eval"), "--steps", "5", *TINY_STUDENT]) == 0

@@ -189,3 +189,45 @@ def test_oneflow_demo_loss_keeps_two_demonstrated_modes_apart():
     assert 0.2 < nearest.float().mean() < 0.8  # and both ways are drawn
     with pytest.raises(ValueError, match="demo_draws"):
         make("oneflow", demo_draws=0)
+
+
+def test_oneflow_refinement_learns_the_sources_refined_chunk_in_one_call():
+    """refine_steps: the terminal step learns the frozen source's end point after two jumps from progress 0.5."""
+    torch.manual_seed(0)
+    small = {"obs_dim": 2, "action_dim": 2, "horizon": 4}
+    source = make("oneflow", **small).eval()
+    start = {k: v.clone() for k, v in source.state_dict().items()}
+    student = make("oneflow", refine_steps=2, refine_progress=0.5, **small)
+    student.load_state_dict(source.state_dict())
+    b = {"obs": torch.randn(64, TO, 2), "states": torch.randn(64, K + 1, 4, 2)}
+    with pytest.raises(ValueError, match="refinement source"):
+        student.compute_loss(b)
+    student.attach_refinement_source(source, alpha_bar=0.8)
+    obs_n, noise = student.encode_obs(b["obs"]), torch.randn(64, 8)
+    zero, half = torch.zeros(64), torch.full((64,), 0.5)
+    with torch.no_grad():
+        cond = source.cond_encoder(obs_n)
+        target = source.step(noise, zero, cond)
+        for _ in range(2):  # back on the path at s = 0.5 with the same noise, then to the end again
+            target = source.step(0.8**0.5 * target + 0.2**0.5 * noise, half, cond)
+    assert torch.allclose(student.refined_end_point(obs_n, noise), target)
+
+    def error() -> float:
+        with torch.no_grad():
+            return float((student.step(noise, zero, student.cond_encoder(obs_n)) - target).square().mean())
+
+    before = error()
+    opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+    for _ in range(300):
+        opt.zero_grad()
+        student.compute_loss(b).backward()
+        opt.step()
+    assert error() < 0.2 * before
+    assert all(torch.equal(v, start[k]) for k, v in source.state_dict().items())  # the source stays frozen
+    with pytest.raises(ValueError, match="only with refine_steps"):
+        make("oneflow", **small).attach_refinement_source(source, alpha_bar=0.8)
+    with pytest.raises(ValueError, match="alpha_bar"):
+        student.attach_refinement_source(source, alpha_bar=1.0)
+    for bad in ({"refine_steps": -1}, {"refine_progress": 1.0}):
+        with pytest.raises(ValueError, match="refine_progress in"):
+            make("oneflow", **bad)
