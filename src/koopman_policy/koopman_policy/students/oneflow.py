@@ -38,11 +38,11 @@ teacher's DDIM trajectories have at s (``koopman-distill student`` reads it from
 student jumps to the end again from there. The terminal step of a new student, started from the trained one
 (``--init``, frozen as the source), then learns the source's chunk after ``refine_steps`` such jumps, for a
 fresh noise every batch at the teacher data's histories. The paper's student exceeds its teacher on
-Push-T; the teacher's paths alone did not teach that here, and this is what did (README: the source's one-step
-0.61, two and three calls 0.75 and 0.76, the student that learns three calls in one 0.7x, on seeds 2000-2199,
-where s = 0.7 was chosen from 0.3-0.9). Only the one-step query is trained: the path loss is dropped, so the
-new student's field at intermediate progress drifts (two calls of it score 0.64 on seeds 2000-2099), and it
-is no source for a further round.
+Push-T, which the teacher's paths alone did not teach here. Measured on Push-T (README), seeds 2000-2199,
+where s = 0.7 was chosen from 0.3-0.9: the source scores 0.61 in one call, 0.75 in two and 0.76 in three, the
+student that learns three calls in one 0.73. Only the one-step query is trained: the path loss is dropped, so
+the new student's field at intermediate progress drifts (two calls of a refined student score 0.64 on seeds
+2000-2099), and it is no source for a further round.
 """
 
 from __future__ import annotations
