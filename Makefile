@@ -95,10 +95,10 @@ models-pusht: setup
 	# The teacher and the best student on 200 further seeds: how much of the 50-seed comparison is luck.
 	$(KD) eval --task pusht --policies pusht_teacher,pusht_oneflow --episodes 200 --seed 2000 \
 		--json models/eval_pusht_seeds2000.json
-	# The DDIM-30 teacher on the same seeds: how much of the student's gap is the sampler it distils.
+	# The DDIM-30 teacher on the same seeds: the sampler whose trajectories the students learn.
 	$(KD) eval --task pusht --policies pusht_teacher --backend onnx --episodes 200 --seed 2000 \
 		--json models/eval_pusht_teacher_ddim30_seeds2000.json
-	# The teacher and the best student on 300 seeds that no choice was made on.
+	# The teacher and the best student on 300 seeds that the refinement was not chosen on.
 	$(KD) eval --task pusht --policies pusht_teacher --episodes 300 --seed 3000 \
 		--json models/eval_pusht_teacher_seeds3000.json
 	$(KD) eval --task pusht --policies pusht_oneflow --episodes 300 --seed 3000 --json models/eval_pusht_seeds3000.json
