@@ -69,13 +69,13 @@ def demo_windows(args: argparse.Namespace, config: PolicyConfig, data: TeacherDa
     return windows, {"path": str(args.demos), "sha256": demos.sha256, "windows": len(windows["obs"])}
 
 
-def attach_refinement(policy: OneFlowPolicy, init: OneFlowPolicy | None, teacher: BasePolicy, data: TeacherData
+def attach_refinement(policy: BasePolicy, init: BasePolicy | None, teacher: BasePolicy, data: TeacherData
                       ) -> dict | None:
     """Give a refining student (oneflow's refine_steps > 0) its source, the --init student, and the noise level
     the teacher's trajectories have at refine_progress; returns the card's entry."""
-    config = policy.config
-    if getattr(config, "refine_steps", 0) <= 0:
+    if not isinstance(policy, OneFlowPolicy) or policy.config.refine_steps <= 0:
         return None
+    config = policy.config
     if init is None:
         raise ValueError("oneflow: refine_steps > 0 needs --init, the trained student whose refined chunks it learns")
     if not isinstance(teacher, DiffusionPolicy):
