@@ -7,9 +7,13 @@ observation ingestion, the one-step policy and its diffusion teacher fallback.
 
 Which nodes run with which parameters is decided by ``koopman_control.stack.build_stack`` (the same
 function ``koopman-control bringup`` uses), from ``config/stack.yaml`` in this package's share directory.
+
+The robot driver (sim_node or kortex_bridge_node) exiting shuts the whole launch down: without it nothing
+commands the arm or reports its state, and a policy left running would only hold. Any other node may stop
+(or be restarted by hand) while the driver's watchdog holds the arm.
 """
 
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, Shutdown
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
@@ -19,7 +23,7 @@ from launch import LaunchDescription
 def _stack_nodes(context, *args, **kwargs):
     from ament_index_python.packages import get_package_share_directory
 
-    from koopman_control.stack import LAUNCH_ARGUMENTS, PACKAGE, StackArgs, build_stack
+    from koopman_control.stack import LAUNCH_ARGUMENTS, PACKAGE, ROBOT_DRIVERS, StackArgs, build_stack
 
     values = {name: LaunchConfiguration(name).perform(context) for name in LAUNCH_ARGUMENTS}
     specs = build_stack(StackArgs.from_strings(values), root=get_package_share_directory(PACKAGE))
@@ -31,6 +35,8 @@ def _stack_nodes(context, *args, **kwargs):
             parameters=[*(str(f) for f in spec.param_files), spec.overrides],
             output="screen",
             emulate_tty=True,
+            on_exit=[Shutdown(reason=f"{spec.name} (the robot driver) exited")]
+            if spec.name in ROBOT_DRIVERS else None,
         )
         for spec in specs
     ]

@@ -56,7 +56,7 @@ def write_run(path: Path, storage: str = "mcap", *, seconds: float = 1.0, rate: 
         sink.write(T.TARGET, T0, M.point_stamped(T0, [0.6, 0.0, 0.17]))
     if T.PILLAR not in skip:
         sink.write(T.PILLAR, T0 + 1, M.point_stamped(T0, [0.41, 0.0, 0.15]))
-    sink.write(T.EPISODE, T0 + 2, M.uint32(1))
+    sink.write(T.EPISODE, T0 + 2, M.episode(1, T0))
     n = round(seconds * rate)
     stamps = stamps if stamps is not None else [T0 + round((i + 1) * NS / rate) for i in range(n)]
     for i, st in enumerate(stamps):

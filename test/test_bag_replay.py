@@ -103,11 +103,11 @@ def test_rebuilt_grid_matches_a_live_grid_anchored_before_recording() -> None:
                 builder.align_grid(align)
         return out
 
-    live = ticks(StateObservationBuilder(names, 1, 10.0, use_task=False), stamps)
+    live = ticks(StateObservationBuilder(names, 1, 10.0), stamps)
     recorded = [t for t in live if t > stamps[100]]  # the recorder starts a second in
     start = int(np.searchsorted(stamps, recorded[0]))
-    naive = ticks(StateObservationBuilder(names, 1, 10.0, use_task=False), stamps[start:])
-    b = StateObservationBuilder(names, 1, 10.0, use_task=False)
+    naive = ticks(StateObservationBuilder(names, 1, 10.0), stamps[start:])
+    b = StateObservationBuilder(names, 1, 10.0)
     aligned = ticks(b, stamps[start:], grid_phase(recorded, b.period_ns, b.tol_ns))
     assert aligned == recorded
     assert naive != recorded  # this seed's jitter puts a grid point between samples: the naive grid drifts

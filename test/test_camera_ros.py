@@ -65,7 +65,7 @@ class Run:
     probe: Probe
     policy: dict
     accepted: int
-    rejected: int
+    refused: dict[str, int]
     camera_error: str
 
 
@@ -96,7 +96,7 @@ def run() -> Run:
                         f"ingest: {stack['camera_ingest'].builder.reason!r}")
         stack.check()
         counters = sim.driver.executor.counters
-        return Run(probe, pol.metrics(), counters.accepted, counters.rejected, sim.camera_error)
+        return Run(probe, pol.metrics(), counters.accepted, dict(counters.reject_reasons), sim.camera_error)
     finally:
         stack.close()
         ex.shutdown()
@@ -110,15 +110,18 @@ def test_camera_path_over_dds_drives_the_arm(run: Run) -> None:
     if run.camera_error:
         pytest.skip(run.camera_error)
     p, m = run.probe, run.policy
-    assert m["policy"] == POLICY and m["mode"] == "student", m
+    assert m["policy"] == POLICY and m["fallback_events"] == 0 and not m["unhealthy"], m
     # The ingest sized the frames as the model was trained (from its ONNX metadata, through the stack).
     assert p.image_shapes == {(2 * 64, 64, "32FC3")}, p.image_shapes
     # The scene is mostly bright floor; a frame rendered without camera and light poses is nearly black.
     assert min(p.image_means) > 0.5, f"dark frames: min mean {min(p.image_means):.3f}"
-    assert run.rejected == 0 and run.accepted >= m["published"] - 2
+    # Nothing the arm refuses, but for a chunk aged past 0.1 s on a loaded machine.
+    assert set(run.refused) <= {"stale"} and sum(run.refused.values()) <= 2, run.refused
+    assert run.accepted >= m["published"] - m["holds"] - 2
     assert m["published"] >= 20 * EPISODES and m["compute_ms"]["p50"] < 20.0, m
-    # Ticks without an image that belongs to them happen only while the camera restarts with an episode.
-    assert m["image_gaps"] <= 3 * EPISODES, m
+    # Ticks without an image that belongs to them happen only while the camera restarts with an episode: its
+    # first tick comes with the first joint sample after the reset, before a frame of the new scene exists.
+    assert m["image_gaps"] <= 3 * (EPISODES + 1), m
 
 
 def test_camera_student_reaches_targets_over_dds(run: Run) -> None:

@@ -22,10 +22,11 @@ from geometry_msgs.msg import PointStamped
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import JointState
-from std_msgs.msg import String, UInt32
+from std_msgs.msg import Header, String
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
+from koopman_control.core.episodes import parse_episode
 from koopman_control.nodes.kortex_bridge_node import KortexBridgeNode
 from koopman_control.params import load_parameters
 from koopman_control.ros import convert, qos
@@ -47,18 +48,29 @@ class Source(Node):
         self.js: JointState | None = None
         self.js_count = 0
         self.task: dict[str, np.ndarray] = {}
+        self.task_stamp = 0
         self.episode = 0
+        self.episode_start = 0
         self.results: list[dict] = []
         self.diags: list = []
         self.create_subscription(JointState, "/joint_states", self._on_js, qos.SENSOR_SUB)
         for key in ("target", "pillar"):
-            self.create_subscription(PointStamped, f"/task/{key}",
-                                     lambda m, k=key: self.task.__setitem__(k, np.array([m.point.x, m.point.y,
-                                                                                          m.point.z])), qos.LATCHED)
-        self.create_subscription(UInt32, "/task/episode", lambda m: setattr(self, "episode", m.data), qos.LATCHED)
+            self.create_subscription(PointStamped, f"/task/{key}", lambda m, k=key: self._on_task(k, m), qos.LATCHED)
+        self.create_subscription(Header, "/task/episode", self._on_episode, qos.LATCHED)
         self.create_subscription(String, "/task/episode_result", lambda m: self.results.append(json.loads(m.data)),
                                  qos.EVENTS)
         self.create_subscription(DiagnosticArray, "/diagnostics", lambda m: self.diags.extend(m.status), 10)
+
+    def _on_task(self, key: str, m: PointStamped) -> None:
+        self.task[key] = np.array([m.point.x, m.point.y, m.point.z])
+        self.task_stamp = convert.from_time(m.header.stamp)
+
+    def _on_episode(self, m: Header) -> None:
+        self.episode, self.episode_start = parse_episode(m.frame_id), convert.from_time(m.stamp)
+
+    def new_task(self) -> bool:
+        """The running episode's task inputs have arrived (stamped at or after its announced start)."""
+        return len(self.task) == 2 and self.episode >= 1 and self.task_stamp >= self.episode_start
 
     def _on_js(self, msg: JointState) -> None:
         self.js = msg
@@ -97,7 +109,7 @@ def rig():
     spin_b = Spinner(bridge.spin_nodes(), ctx_b)
     spin_s = Spinner([src], ctx_s)
     try:
-        wait_until(lambda: src.js_count > 10 and len(src.task) == 2 and src.episode >= 1, 15.0,
+        wait_until(lambda: src.js_count > 10 and src.new_task(), 15.0,
                    what="joint states and the task from the bridge")
         yield bridge, src
     finally:
@@ -244,9 +256,8 @@ def test_closed_loop_episode_with_the_scripted_expert_reaches_the_target(rig):
     bridge, src = rig
     r = src.call("reset_episode")
     ep = json.loads(r.message)
-    wait_until(lambda: src.episode == ep["episode"] and np.allclose(src.task["target"], ep["target"]), 5.0,
-               what="the new episode's task")
-    time.sleep(0.05)
+    wait_until(lambda: src.episode == ep["episode"] and src.new_task(), 5.0, what="the new episode's task")
+    wait_until(lambda: convert.from_time(src.js.header.stamp) > src.task_stamp, 1.0, what="a sample after the reset")
     obs = np.concatenate([src.q(), np.array(src.js.velocity), src.task["target"], src.task["pillar"]])
     expert = ScriptedExpert()
     expert.reset(obs, np.random.default_rng(ep["seed"]))

@@ -91,7 +91,7 @@ def test_session_order_and_clean_close(robot):
     assert b.close() == []  # idempotent
 
 
-def test_out_of_range_chunks_are_clamped_or_refused_never_sent(robot):
+def test_out_of_range_chunks_are_refused_and_fast_ones_limited_never_sent_raw(robot):
     b = make_bridge(robot, watchdog_timeout=0.3)
     try:
         lim = b.limits
@@ -104,16 +104,23 @@ def test_out_of_range_chunks_are_clamped_or_refused_never_sent(robot):
         nan.positions[3, 2] = np.nan
         ok, reason = b.submit(nan, now)
         assert not ok and "non-finite" in reason
-        # Joint 2 asked to go beyond its +2.24 limit (from 0.42) and joint 1 at 10 rad/s: clamped and limited.
         q0 = b.latest.q
+        beyond = np.repeat(q0[None], 10, axis=0)
+        beyond[:, 1] = np.linspace(q0[1], 3.5, 10)  # joint 2 beyond its +2.24 limit: refused, not clamped
+        now = time.time_ns()
+        ok, reason = b.submit(ActionChunk.from_offsets(now, np.arange(10) * 0.1, beyond), now)
+        assert not ok and reason.startswith("out of limits")
+        # Joint 2 towards its limit (from 0.42 to 2.2) and joint 1 at 6 rad/s: speeds limited, braked.
         pts = np.repeat(q0[None], 10, axis=0)
-        pts[:, 1] = np.linspace(q0[1] + 0.3, 3.5, 10)
-        pts[:, 0] = q0[0] + np.linspace(0.3, 10.0, 10)
-        for k in range(25):
+        pts[:, 1] = np.linspace(q0[1] + 0.3, 2.2, 10)
+        pts[:, 0] = q0[0] + np.linspace(0.3, 5.5, 10)
+        for _ in range(25):
             now = time.time_ns()
-            ok, _ = b.submit(ActionChunk.from_offsets(now, np.arange(10) * 0.1, pts + 0 * k), now)
+            start = np.clip(b.latest.q + np.r_[0.3, 0.3, 0, 0, 0, 0, 0], None, pts[-1])
+            ok, _ = b.submit(ActionChunk.from_offsets(now, np.arange(10) * 0.1,
+                                                      np.vstack([start, pts[1:]])), now)
             time.sleep(0.04)
-        assert b.executor.counters.clamped > 0
+        assert b.executor.counters.accepted > 0
         sent = np.vstack(robot.speed_commands)
         assert np.isfinite(sent).all()
         assert (np.abs(sent) <= lim.max_speed + 1e-9).all()

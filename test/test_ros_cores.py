@@ -1,14 +1,17 @@
-"""The control stack's plain-Python cores, without ROS: observations, chunk execution, fallback supervision,
-statistics, the policy runner on real ONNX files, the sim driver, and the stack description."""
+"""The control stack's plain-Python cores, without ROS: observations and episode boundaries, chunk execution
+and the arm's command checks, fallback supervision, statistics, fault logs, the policy runner on real ONNX
+files, the sim driver, and the stack description."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from koopman_control.core.chunk import ActionChunk, ChunkExecutor, ExecState, published_points
+from koopman_control.core.chunk import ActionChunk, ChunkExecutor, CommandChecks, ExecState, published_points
+from koopman_control.core.episodes import EpisodeSequencer, EpisodeTimeline, Phase
+from koopman_control.core.faultlog import FaultLog
 from koopman_control.core.image import ImageNormalizer, ImageObservationBuilder, decode, resize_bilinear
-from koopman_control.core.observation import NS, InputStatus, ObservationHistory, StateObservationBuilder
+from koopman_control.core.observation import NS, InputStatus, JointBounds, ObservationHistory, StateObservationBuilder
 from koopman_control.core.stats import RateMeter, SampleStats
 from koopman_control.core.supervisor import HEALTHY, FallbackSupervisor, Health, Mode
 
@@ -18,9 +21,19 @@ T0 = 1_700_000_000 * NS
 
 
 # -- observations ----------------------------------------------------------------------------------------------
-def _builder(rate: float = 10.0, steps: int = 2) -> StateObservationBuilder:
-    b = StateObservationBuilder(JOINTS, steps, rate, max_state_age_s=0.05)
-    b.set_task(target=[0.6, 0.0, 0.17], pillar=[0.41, 0.0, 0.15])
+TASK = {"target": 3, "pillar": 3}
+
+
+def _task(b: StateObservationBuilder, stamp: int = T0 - MS, y: float = 0.0) -> None:
+    b.set_task("target", stamp, [0.6, y, 0.17])
+    b.set_task("pillar", stamp, [0.41, y, 0.15])
+
+
+def _builder(rate: float = 10.0, steps: int = 2, spacing: float | None = None,
+             bounds: JointBounds | None = None) -> StateObservationBuilder:
+    b = StateObservationBuilder(JOINTS, steps, rate, max_state_age_s=0.05, task_inputs=TASK,
+                                history_spacing_s=spacing, bounds=bounds)
+    _task(b)
     return b
 
 
@@ -45,8 +58,7 @@ def test_observations_at_policy_rate_from_500hz_samples() -> None:
 def test_a_faster_controller_keeps_the_trained_history_spacing() -> None:
     """At 100 Hz ticks with history_spacing 0.1 s, each observation holds the sample from 0.1 s earlier, as
     the 10 Hz model was trained; at an episode start it is padded with the first sample."""
-    b = StateObservationBuilder(JOINTS, 2, 100.0, history_spacing_s=0.1)
-    b.set_task(target=[0.6, 0.0, 0.17], pillar=[0.41, 0.0, 0.15])
+    b = _builder(100.0, spacing=0.1)
     out = [o for k in range(250) if (o := _feed(b, T0 + k * 2 * MS, q=k * 1e-3)) is not None]
     assert len(out) == 50  # half a second at 100 Hz
     assert np.all(np.diff([o.stamp_ns for o in out]) == 10 * MS)
@@ -61,8 +73,7 @@ def test_a_faster_controller_keeps_the_trained_history_spacing() -> None:
 def test_a_late_sample_at_100hz_does_not_empty_the_history() -> None:
     """Feedback that pauses 9 ms puts two ticks 18 ms apart: the 0.1 s history must survive it, its steps
     still the samples nearest 0.1 s apart, and the ticks after it keep coming."""
-    b = StateObservationBuilder(JOINTS, 2, 100.0, history_spacing_s=0.1)
-    b.set_task(target=[0.6, 0.0, 0.17], pillar=[0.41, 0.0, 0.15])
+    b = _builder(100.0, spacing=0.1)
     stamps = [T0 + k * 2 * MS for k in range(400) if not 200 <= k < 204]  # no sample from 0.400 to 0.408 s
     out = [(t, o) for t in stamps if (o := _feed(b, t, q=(t - T0) / NS)) is not None]
     assert b.history.gaps == 0 and len(out) == 80
@@ -144,25 +155,99 @@ def test_bad_input_stops_the_flow_and_is_reported(bad: str) -> None:
 
 
 def test_watchdog_marks_silence_stale_and_waits_for_task() -> None:
-    b = StateObservationBuilder(JOINTS, 2, 10.0, max_state_age_s=0.05)
+    b = StateObservationBuilder(JOINTS, 2, 10.0, max_state_age_s=0.05, task_inputs=TASK)
     assert _feed(b, T0) is None and b.status is InputStatus.WAITING  # no target/pillar yet
-    b.set_task(target=[0.6, 0, 0.17], pillar=[0.4, 0, 0.15])
+    _task(b, T0 + MS)
     assert _feed(b, T0 + 2 * MS) is not None
     assert b.check(T0 + 30 * MS) is InputStatus.OK
     assert b.check(T0 + 80 * MS) is InputStatus.STALE
-    b.set_task(target=[np.nan, 0, 0])
-    assert b.status is InputStatus.INVALID and b.target is None
+    b.set_task("target", T0 + 90 * MS, [np.nan, 0, 0])
+    assert b.status is InputStatus.INVALID and b.take_events()[-1][0] == "task input"
 
 
 def test_episode_change_restarts_padded_history_and_tick_grid() -> None:
     b = _builder()
     _feed(b, T0)
     _feed(b, T0 + 100 * MS)
-    b.set_episode(4)
-    o = _feed(b, T0 + 130 * MS)  # right after the reset, off the old grid: emitted at once, padded
-    assert o is not None and o.padded and o.episode == 4
+    b.announce_episode(4, T0 + 130 * MS)
+    assert _feed(b, T0 + 120 * MS) is None and b.status is InputStatus.WAITING  # episode over, reset pending
+    assert _feed(b, T0 + 130 * MS) is None  # episode 4's own task inputs have not come yet
+    _task(b, T0 + 130 * MS, y=0.05)
+    o = _feed(b, T0 + 132 * MS)  # right after the reset, off the old grid: emitted at once, padded
+    assert o is not None and o.padded and o.episode == 4 and o.history[-1, 15] == pytest.approx(0.05)
     assert _feed(b, T0 + 200 * MS) is None  # the grid re-anchored at the reset
-    assert _feed(b, T0 + 230 * MS) is not None
+    assert _feed(b, T0 + 232 * MS) is not None
+
+
+def test_samples_overtaking_their_episodes_announcement_never_mix_into_one_history() -> None:
+    """In separate processes a sample of the new episode can arrive before its announcement, and the new task
+    inputs after the first samples: every sample and input still goes to the episode its stamp falls in."""
+    b = _builder()
+    out = [o for k in range(50) if (o := _feed(b, T0 + k * 2 * MS, q=0.1)) is not None]
+    assert out and all(o.episode == 0 for o in out)
+    start = T0 + 100 * MS
+    late = [_feed(b, start + k * 2 * MS, q=-0.3) for k in range(5)]  # episode 1's samples, not yet announced
+    b.announce_episode(1, start)  # the announcement arrives late: the history they went into is dropped
+    assert len(b.history) == 0 and b.episode == 1
+    assert all(o is None or o.episode == 0 for o in late)
+    assert _feed(b, start + 12 * MS, q=-0.3) is None  # episode 0's target is not episode 1's
+    _task(b, start, y=0.04)  # the new target, stamped with the episode's start, arrives after the samples
+    o = _feed(b, start + 14 * MS, q=-0.3)
+    assert o is not None and o.episode == 1 and o.padded
+    assert np.all(o.history[:, 0] == pytest.approx(-0.3)) and o.history[-1, 15] == pytest.approx(0.04)
+    assert b.timeline.episode_at(start - 1) == 0 and b.timeline.episode_at(start) == 1
+
+
+def test_implausible_samples_stop_the_flow_once_per_cause() -> None:
+    from koopman_sim import gen3
+
+    bounds = JointBounds(np.array(gen3.JOINT_LOWER), np.array(gen3.JOINT_UPPER), np.array(gen3.VELOCITY_LIMITS))
+    b = _builder(bounds=bounds)
+    q = np.array(gen3.HOME_Q)
+    t = T0
+    assert b.on_joint_state(JOINTS, q, np.zeros(7), t, t) is not None
+    cases = {"implausible position": (q + np.r_[0, 1e9, 0, 0, 0, 0, 0], np.zeros(7)),
+             "implausible velocity": (q, np.r_[0, 0, 50.0, 0, 0, 0, 0]),
+             "jump": (q + np.r_[0, 0, 0, 0.5, 0, 0, 0], np.zeros(7))}
+    for cause, (qq, qd) in cases.items():
+        t += 2 * MS
+        assert b.on_joint_state(JOINTS, qq, qd, t, t) is None
+        assert b.status is InputStatus.INVALID and b.cause == cause, b.reason
+        t += 2 * MS
+        assert b.on_joint_state(JOINTS, q, np.zeros(7), t, t) is None and b.status is InputStatus.OK
+    assert [c for c, _ in b.take_events()] == list(cases) and b.take_events() == []
+
+
+def test_fault_log_counts_every_occurrence_and_logs_once_per_second_per_cause() -> None:
+    now = [0.0]
+    log = FaultLog(interval_s=1.0, clock=lambda: now[0])
+    lines = []
+    for k in range(200):  # 2 s of a bad sample every 10 ms, two causes
+        now[0] = k * 0.01
+        for cause in ("nan", "stale"):
+            if (line := log.report(cause, f"{cause} input")) is not None:
+                lines.append((cause, line))
+    assert log.counts() == {"nan": 200, "stale": 200} and log.total() == 400
+    assert [c for c, _ in lines] == ["nan", "stale", "nan", "stale"]
+    assert lines[0][1] == "nan input" and "100 times since the last report, 101 in all" in lines[2][1]
+
+
+def test_episode_sequencer_announces_ahead_and_starts_the_clock_at_the_first_chunk() -> None:
+    seq = EpisodeSequencer(seed=2, reset_delay_s=0.1, start_timeout_s=1.0)
+    ann = seq.schedule(T0)
+    assert ann.episode == 1 and ann.start_ns == T0 + 100 * MS and ann.seed == 2 * 100_003 + 1
+    assert seq.due(T0 + 99 * MS) is None and seq.due(T0 + 100 * MS) == ann
+    seq.begin(ann, T0 + 101 * MS)
+    assert seq.phase is Phase.WAITING and not seq.start_overdue(T0 + 900 * MS)
+    assert seq.chunk_accepted(T0 + 150 * MS) and not seq.chunk_accepted(T0 + 160 * MS)
+    res, nxt = seq.finish(T0 + 3 * NS, {"success": True})
+    assert res["episode"] == 1 and res["waited_s"] == pytest.approx(0.049) and nxt.episode == 2
+    seq.begin(nxt, nxt.start_ns)
+    assert seq.start_overdue(nxt.start_ns + 2 * NS)
+    tl = EpisodeTimeline()
+    assert tl.announce(3, T0) and not tl.announce(3, T0)  # latched repeats are not news
+    tl.announce(2, T0 - NS)  # out of order
+    assert [tl.episode_at(T0 - 2 * NS), tl.episode_at(T0 - 1), tl.episode_at(T0)] == [0, 2, 3]
 
 
 def test_history_gap_breaks_history() -> None:
@@ -213,8 +298,8 @@ def test_image_history_keeps_the_model_spacing_at_a_faster_policy_rate() -> None
         assert o.stamp_ns == T0 + (t - 1) * 10 * MS
         np.testing.assert_allclose(o.history[:, 0, 0, 0] * 255, [k - 2, k], atol=1e-4)  # 0.1 s = two frames
     assert b.history.gaps == 0
-    b.set_episode(1)  # the last frame belongs to episode 0: the new history waits for the next frame
-    assert all(b.tick(T0 + (61 + i) * 10 * MS) is None for i in range(4)) and len(b.history) == 0
+    b.announce_episode(1, T0 + 615 * MS)  # the last frame belongs to episode 0: the new history waits
+    assert all(b.tick(T0 + (61 + i) * 10 * MS) is None for i in range(4))
     b.on_frame(T0 + 650 * MS, np.full((8, 8, 3), 200, np.uint8))
     o = b.tick(T0 + 660 * MS)
     assert o is not None and o.episode == 1 and o.padded
@@ -225,8 +310,13 @@ def test_image_history_keeps_the_model_spacing_at_a_faster_policy_rate() -> None
 LOW, HIGH = -np.ones(7) * 2, np.ones(7) * 2
 
 
-def _chunk(stamp: int, values: np.ndarray, dt: float = 0.1) -> ActionChunk:
-    return ActionChunk.from_offsets(stamp, np.arange(len(values)) * dt, values)
+def _executor(watchdog: float = 0.3, max_age: float = 0.1) -> ChunkExecutor:
+    return ChunkExecutor(CommandChecks(LOW, HIGH, watchdog_timeout=watchdog, max_start_deviation=0.35,
+                                       max_chunk_age=max_age))
+
+
+def _chunk(stamp: int, values: np.ndarray, dt: float = 0.1, episode: int | None = None) -> ActionChunk:
+    return ActionChunk.from_offsets(stamp, np.arange(len(values)) * dt, values, episode)
 
 
 def test_published_points_start_at_the_stamp() -> None:
@@ -236,40 +326,53 @@ def test_published_points_start_at_the_stamp() -> None:
     np.testing.assert_array_equal(points[0], chunk[1])
 
 
-def test_executor_interpolates_newest_chunk_and_clamps() -> None:
-    ex = ChunkExecutor(LOW, HIGH, timeout_s=0.3)
-    vals = np.stack([np.zeros(7), np.ones(7), 2 * np.ones(7)])
-    assert ex.submit(_chunk(T0, vals), T0)[0]
-    np.testing.assert_allclose(ex.command(T0 + 50 * MS, np.zeros(7)), 0.5)
+def test_executor_interpolates_the_newest_chunk() -> None:
+    ex = _executor()
+    vals = np.stack([np.zeros(7), 0.1 * np.ones(7), 0.2 * np.ones(7)])
+    assert ex.submit(_chunk(T0, vals), T0, np.zeros(7))[0]
+    np.testing.assert_allclose(ex.command(T0 + 50 * MS, np.zeros(7)), 0.05)
     ex.interpolation = "zoh"
-    np.testing.assert_allclose(ex.command(T0 + 150 * MS, np.zeros(7)), 1.0)
-    ok, reason = ex.submit(_chunk(T0 - MS, vals), T0 + 160 * MS)
+    np.testing.assert_allclose(ex.command(T0 + 150 * MS, np.zeros(7)), 0.1)
+    ok, reason = ex.submit(_chunk(T0 - MS, vals), T0 + 60 * MS)
     assert not ok and "older" in reason
-    ok, _ = ex.submit(_chunk(T0 + 160 * MS, np.full((2, 7), 5.0)), T0 + 160 * MS)
-    assert ok and ex.counters.clamped == 1
-    assert np.all(ex.command(T0 + 170 * MS, np.zeros(7)) <= HIGH)
+    assert ex.submit(_chunk(T0 + 60 * MS, vals + 0.05), T0 + 60 * MS, np.zeros(7))[0]
+    np.testing.assert_allclose(ex.command(T0 + 60 * MS, np.zeros(7)), 0.05)
 
 
-@pytest.mark.parametrize("case", ["nan", "shape", "timing", "past"])
-def test_executor_refuses_bad_chunks(case: str) -> None:
-    ex = ChunkExecutor(LOW, HIGH, timeout_s=0.3)
+@pytest.mark.parametrize("case", ["nan", "shape", "timing", "stale", "limits", "far", "episode", "reset"])
+def test_executor_refuses_what_the_arm_would_refuse(case: str) -> None:
+    """Refused, never clamped or half-applied: the sim node and the Kortex bridge share these checks."""
+    ex = _executor()
+    ex.reset(T0, np.zeros(7), episode=4)
     vals = np.zeros((3, 7))
+    now = T0 + 10 * MS
+    cause = {"nan": "non-finite", "shape": "bad shape", "timing": "bad timing", "stale": "stale",
+             "limits": "out of limits", "far": "too far", "episode": "outdated", "reset": "outdated"}[case]
+    c = _chunk(now, vals)
     if case == "nan":
         vals[1, 2] = np.nan
-        c = _chunk(T0, vals)
     elif case == "shape":
-        c = _chunk(T0, np.zeros((3, 6)))
+        c = _chunk(now, np.zeros((3, 6)))
     elif case == "timing":
-        c = ActionChunk(T0, np.array([T0, T0, T0 + 1]), vals)
+        c = ActionChunk(now, np.array([now, now, now + 1]), vals)
+    elif case == "stale":
+        now += 200 * MS
+    elif case == "limits":
+        vals[2, 1] = 10.0  # a later point beyond the limit: the whole chunk goes
+    elif case == "far":
+        c = _chunk(now, vals + 0.5)
+    elif case == "episode":
+        c = _chunk(now, vals, episode=3)
     else:
-        c = _chunk(T0 - 10 * NS, vals)
-    ok, reason = ex.submit(c, T0)
-    assert not ok and reason and ex.counters.rejected == 1
-    assert ex.state is ExecState.IDLE and ex.command(T0, np.zeros(7)) is None
+        c = _chunk(T0 - MS, vals)
+    ok, reason = ex.submit(c, now, np.zeros(7))
+    assert not ok and reason.startswith(cause) and ex.counters.reject_reasons == {cause: 1}
+    assert ex.state is ExecState.IDLE and np.array_equal(ex.command(now, np.zeros(7)), np.zeros(7))
+    assert ex.submit(_chunk(now, np.zeros((3, 7)), episode=4), now, np.zeros(7))[0]  # a good one is taken
 
 
 def test_executor_holds_measured_pose_after_timeout_and_refuses_pre_reset_chunks() -> None:
-    ex = ChunkExecutor(LOW, HIGH, timeout_s=0.3)
+    ex = _executor()
     ramp = np.linspace(0, 1.5, 31)[:, None] * np.ones(7)  # a 3 s plan
     ex.submit(_chunk(T0, ramp), T0)
     assert ex.command(T0 + 200 * MS, np.zeros(7))[0] == pytest.approx(0.1)
@@ -279,8 +382,12 @@ def test_executor_holds_measured_pose_after_timeout_and_refuses_pre_reset_chunks
     np.testing.assert_allclose(held, measured)
     np.testing.assert_allclose(ex.command(T0 + 2 * NS, np.zeros(7)), measured)  # the plan is not resumed
     ex.reset(T0 + 3 * NS, np.full(7, 0.3))
-    assert not ex.submit(_chunk(T0 + 2 * NS, ramp), T0 + 3 * NS)[0]
+    assert not ex.submit(_chunk(T0 + 3 * NS - MS, ramp), T0 + 3 * NS)[0]
     np.testing.assert_allclose(ex.command(T0 + 3 * NS, np.zeros(7)), 0.3)
+    ex.submit(_chunk(T0 + 3 * NS, ramp + 0.3), T0 + 3 * NS)
+    ex.hold(T0 + 3 * NS + 50 * MS, np.full(7, 0.31))  # the hold command: at once, no watchdog wait
+    assert ex.state is ExecState.HOLD and ex.counters.holds == 1
+    np.testing.assert_allclose(ex.command(T0 + 3 * NS + 60 * MS, np.zeros(7)), 0.31)
 
 
 # -- supervisor and statistics ---------------------------------------------------------------------------------
@@ -315,38 +422,50 @@ def test_stats() -> None:
 
 
 # -- sim driver ------------------------------------------------------------------------------------------------
-def test_sim_driver_scores_episodes_and_auto_resets() -> None:
-    from koopman_control.core.sim_driver import SimDriver
-
-    d = SimDriver(time_limit=0.2, seed=3, auto_reset=True)
-    start = d.reset_episode(T0)
-    assert start.episode == 1 and start.target.shape == (3,)
-    results = []
-    t = T0
-    for _ in range(150):  # 0.3 s of 2 ms steps: the 0.2 s episode times out once
-        t += 2 * MS
-        st = d.step(t)
-        if st.result is not None:
-            results.append(st)
-    assert len(results) == 1
-    r = results[0]
-    assert r.result["episode"] == 1 and not r.result["success"] and r.result["duration"] == pytest.approx(0.2, abs=0.01)
-    assert r.started is not None and r.started.episode == 2 and d.episode == 2
-    assert d.summary()["episodes"] == 1 and d.summary()["success_rate"] == 0.0
-
-
-def test_sim_driver_clamps_chunks_to_joint_limits() -> None:
+def _sim(**kw):
     from koopman_control.core.sim_driver import SimDriver
     from koopman_sim import gen3
 
-    d = SimDriver(seed=1)
-    d.reset_episode(T0)
-    target = np.array(gen3.HOME_Q)
+    return SimDriver(CommandChecks(gen3.JOINT_LOWER, gen3.JOINT_UPPER, watchdog_timeout=0.3), **kw)
+
+
+def test_sim_driver_announces_resets_ahead_and_scores_from_the_first_chunk() -> None:
+    d = _sim(time_limit=0.2, seed=3, auto_reset=True, start_timeout_s=1.0)
+    ann = d.schedule_reset(T0)
+    assert ann.episode == 1 and ann.start_ns == T0 + 100 * MS
+    events = []
+    t = T0
+    for k in range(1, 800):  # 1.6 s of 2 ms steps
+        t = T0 + k * 2 * MS
+        st = d.step(t)
+        if k == 100:  # 0.1 s after its reset, the first chunk: the episode's clock starts now
+            assert d.sequencer.phase is Phase.WAITING
+            assert d.submit(_chunk(t, np.stack([st.q] * 4), episode=1), t)[0]
+        events += [(k, e) for e in (st.started, st.result, st.announced) if e is not None]
+    kinds = [(type(e).__name__ if not isinstance(e, dict) else "result") for _, e in events]
+    assert kinds[:4] == ["EpisodeStart", "result", "Announcement", "EpisodeStart"]
+    res = events[1][1]
+    assert res["episode"] == 1 and res["duration"] == pytest.approx(0.2, abs=0.01)
+    assert res["waited_s"] == pytest.approx(0.1, abs=0.005)  # scored from the chunk, not from the reset
+    # Episode 2 never gets a chunk: it ends unscored after start_timeout, with the reason.
+    unscored = next(e for _, e in events[4:] if isinstance(e, dict))
+    assert unscored["episode"] == 2 and not unscored["success"] and "no action chunk" in unscored["start"]
+    assert d.summary()["episodes"] == 2 and d.summary()["episode_list"][0]["waited_s"] == res["waited_s"]
+
+
+def test_sim_driver_refuses_out_of_limit_chunks_instead_of_clamping() -> None:
+    from koopman_sim import gen3
+
+    d = _sim(seed=1)
+    d.schedule_reset(T0)
+    t = T0 + 100 * MS
+    st = d.step(t)
+    target = np.array(st.q)
     target[1] = 5.0  # joint_2's limit is 2.24 rad
-    ok, _ = d.submit(_chunk(T0, np.stack([target, target])), T0)
-    assert ok and d.executor.counters.clamped == 1
-    d.step(T0 + 2 * MS)
-    assert d.arm.target[1] == pytest.approx(gen3.JOINT_UPPER[1])
+    ok, reason = d.submit(_chunk(t, np.stack([st.q, target])), t)
+    assert not ok and reason.startswith("out of limits")
+    d.step(t + 2 * MS)
+    assert d.arm.target[1] < gen3.JOINT_UPPER[1] - 1.0
 
 
 # -- stack description -----------------------------------------------------------------------------------------

@@ -2,8 +2,11 @@
 
 * swapping ``policy`` to the teacher and back through the SetParameters service misses no control tick;
   missing, corrupt or unknown models are refused with a reason and the running policy keeps going;
+* ``policy`` reads back the policy that runs (the catalogue default by name);
 * a student that genuinely produces NaN, or raises, for part of the task space hands over to the teacher
-  within one policy period, and control returns to it after the hysteresis;
+  within one policy period, the arm holding until the teacher's chunk for that tick arrives, and control
+  returns to it after the hysteresis;
+* in fallback, a teacher chunk of another episode or older than a model period is never adopted: the arm holds;
 * a closed-loop episode with the shipped default student reaches the target.
 
 The swap and fallback tests use small untrained policies exported through the real export path
@@ -14,28 +17,26 @@ mechanism whether or not trained models are present; the closed-loop test needs 
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import rclpy
+from conftest import Participant, wait_until
 from rcl_interfaces.srv import GetParameters, SetParameters
-from rclpy.executors import SingleThreadedExecutor
-from rclpy.node import Node
 from rclpy.parameter import Parameter
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
+from koopman_control import topics
 from koopman_control.bringup import Stack
+from koopman_control.core.episodes import episode_label, parse_episode
 from koopman_control.core.policy_runner import PolicyLoadError, PolicyRunner
-from koopman_control.nodes.policy_node import episode_of
 from koopman_control.ros import convert, qos
-from koopman_control.stack import StackArgs
-from koopman_control.testing import export_untrained, inject_fault, ros_context, wait_until
+from koopman_control.stack import StackArgs, build_stack
+from koopman_control.testing import export_untrained, inject_fault
 
 TARGET_Y = 15  # index of target_y in the task observation
 PERIOD = 0.1
@@ -97,79 +98,59 @@ def test_runner_health_on_real_onnx_files(catalog: Path) -> None:
 class Probe:
     """The test's own participant: watches observations, chunks and mode; calls services like ``ros2``."""
 
-    def __init__(self, ctx) -> None:
-        self.node = Node("policy_probe", context=ctx)
-        self.chunks: list[tuple[int, JointTrajectory]] = []  # (receive time ns, msg)
-        self.modes: list[str] = []
+    def __init__(self, p: Participant) -> None:
+        self.p = p
+        self.chunks: list[tuple[int, JointTrajectory]] = p.record(topics.ACTION_CHUNK, JointTrajectory, qos.CONTROL)
+        self.mode_msgs = p.record(topics.MODE, String, qos.LATCHED)
         self.obs: list[tuple[int, int, float]] = []  # (stamp, episode, target_y)
-        n = self.node
-        n.create_subscription(JointTrajectory, "/policy/action_chunk",
-                              lambda m: self.chunks.append((time.time_ns(), m)), qos.CONTROL)
-        n.create_subscription(String, "/policy/mode", lambda m: self.modes.append(m.data), qos.LATCHED)
-        n.create_subscription(JointTrajectory, "/policy/observation", self._on_obs, qos.CONTROL)
-        self.set_cli = n.create_client(SetParameters, "/policy/set_parameters")
-        self.get_cli = n.create_client(GetParameters, "/policy/get_parameters")
-        self.reset_cli = n.create_client(Trigger, "/sim/reset_episode")
-        self.ex = SingleThreadedExecutor(context=ctx)
-        self.ex.add_node(n)
-        self.th = threading.Thread(target=self.ex.spin, daemon=True)
-        self.th.start()
+        p.node.create_subscription(JointTrajectory, topics.OBSERVATION, self._on_obs, qos.CONTROL)
+
+    @property
+    def modes(self) -> list[str]:
+        return [m.data for _, m in self.mode_msgs]
 
     def _on_obs(self, m: JointTrajectory) -> None:
-        stamp, hist, names, _ = convert.observation_from_msg(m)
-        self.obs.append((stamp, episode_of(m.header.frame_id), float(hist[-1, names.index("target_y")])))
-
-    def call(self, client, request, timeout: float = 30.0):
-        assert client.wait_for_service(timeout_sec=10.0), f"{client.srv_name} not available"
-        fut = client.call_async(request)
-        return wait_until(lambda: fut.done() and fut.result(), timeout, what=client.srv_name)
+        if m.points:
+            stamp, hist, names, _ = convert.observation_from_msg(m)
+            self.obs.append((stamp, parse_episode(m.header.frame_id), float(hist[-1, names.index("target_y")])))
 
     def set_policy(self, value: str):
         req = SetParameters.Request(parameters=[Parameter("policy", value=value).to_parameter_msg()])
-        return self.call(self.set_cli, req).results[0]
+        return self.p.call(SetParameters, "/policy/set_parameters", req).results[0]
 
     def get_policy(self) -> str:
-        return self.call(self.get_cli, GetParameters.Request(names=["policy"])).values[0].string_value
+        return self.p.call(GetParameters, "/policy/get_parameters",
+                           GetParameters.Request(names=["policy"])).values[0].string_value
 
     def reset_until(self, side_positive: bool) -> tuple[int, int]:
         """Reset episodes until target_y has the wanted sign; returns (episode, stamp of its first obs)."""
         for _ in range(40):
-            ep = json.loads(self.call(self.reset_cli, Trigger.Request()).message)["episode"]
+            ep = json.loads(self.p.call(Trigger, "/sim/reset_episode", Trigger.Request()).message)["episode"]
             first = wait_until(lambda ep=ep: next((o for o in self.obs if o[1] == ep), None), 5.0,
                                what=f"the first observation of episode {ep}")
             if (first[2] > 0) == side_positive:
                 return ep, first[0]
         raise AssertionError("the task never sampled a target on the wanted side")
 
-    def chunk_for(self, stamp: int, timeout: float = 5.0) -> tuple[int, JointTrajectory]:
-        return wait_until(lambda: next((c for c in self.chunks if convert.from_time(c[1].header.stamp) == stamp),
-                                       None), timeout, what="the chunk for an observation")
-
-    def close(self) -> None:
-        self.ex.shutdown()
-        self.th.join(2.0)
-        self.node.destroy_node()
+    def chunk_for(self, stamp: int, timeout: float = 5.0, hold: bool = False) -> tuple[int, JointTrajectory]:
+        """The first chunk (or hold command) published for the tick ``stamp``."""
+        return wait_until(lambda: next((c for c in self.chunks if convert.from_time(c[1].header.stamp) == stamp
+                                        and bool(c[1].points) != hold), None), timeout,
+                          what=f"the {'hold' if hold else 'chunk'} for an observation")
 
 
 @pytest.fixture
-def running(catalog: Path) -> Iterator[tuple[Stack, Probe]]:
-    ctx_stack, ctx_probe = ros_context(), ros_context()
+def running(catalog: Path, contexts, participant) -> Iterator[tuple[Stack, Probe]]:
     overrides = {
         "sim": {"auto_reset": False, "time_limit": 120.0, "seed": 11},
-        "policy": {"catalog_root": str(catalog), "policy": "student", "recover_ticks": 3},
+        "policy": {"catalog_root": str(catalog), "recover_ticks": 3},
         "teacher": {"catalog_root": str(catalog), "policy": "teacher"},
     }
-    stack = Stack.from_args(StackArgs(), overrides=overrides, context=ctx_stack)
-    probe = Probe(ctx_probe)
-    try:
+    with Stack.from_args(StackArgs(), overrides=overrides, context=contexts()) as stack:
+        probe = Probe(participant("policy_probe"))
         wait_until(lambda: len(probe.chunks) >= 5, 20.0, what="action chunks from the running stack")
         yield stack, probe
         stack.check()
-    finally:
-        probe.close()
-        stack.close()
-        rclpy.shutdown(context=ctx_stack)
-        rclpy.shutdown(context=ctx_probe)
 
 
 def _stamps_after(probe: Probe, t_ns: int) -> np.ndarray:
@@ -179,8 +160,9 @@ def _stamps_after(probe: Probe, t_ns: int) -> np.ndarray:
 def test_swap_to_teacher_and_back_misses_no_tick_and_bad_models_are_refused(running, catalog: Path) -> None:
     stack, probe = running
     pol = stack["policy"]
+    assert probe.get_policy() == "student"  # left empty in the parameter file: reads back the default's name
     t_start = time.time_ns()
-    missed0, swaps0 = pol.missed_ticks, pol.swaps
+    missed0, swaps0 = pol.stats.missed_ticks, pol.stats.swaps
     res = probe.set_policy("teacher")
     assert res.successful, res.reason
     wait_until(lambda: probe.modes and probe.modes[-1] == "teacher", 5.0, what="mode 'teacher'")
@@ -191,8 +173,8 @@ def test_swap_to_teacher_and_back_misses_no_tick_and_bad_models_are_refused(runn
     wait_until(lambda: probe.modes[-1] == "student", 5.0, what="mode 'student'")
     n = len(probe.chunks)
     wait_until(lambda: len(probe.chunks) >= n + 5, 5.0, what="student chunks again")
-    assert pol.swaps == swaps0 + 2
-    assert pol.missed_ticks == missed0, pol.metrics()
+    assert pol.stats.swaps == swaps0 + 2
+    assert pol.stats.missed_ticks == missed0, pol.metrics()
     stamps = _stamps_after(probe, t_start)
     assert len(stamps) >= 10 and np.diff(stamps).max() < 1.5 * PERIOD * 1e9  # a chunk every tick, no gap
     assert len(set(stamps.tolist())) == len(stamps)  # one chunk per tick
@@ -205,8 +187,8 @@ def test_swap_to_teacher_and_back_misses_no_tick_and_bad_models_are_refused(runn
         assert not res.successful and reason in res.reason, res.reason
         assert probe.get_policy() == "student"
         wait_until(lambda n=n: len(probe.chunks) >= n + 2, 3.0, what="chunks after a refused model")
-    assert pol.runner.name == "student" and pol.swaps == swaps0 + 2 and probe.modes[-1] == "student"
-    assert pol.missed_ticks == missed0
+    assert pol.runner.name == "student" and pol.stats.swaps == swaps0 + 2 and probe.modes[-1] == "student"
+    assert pol.stats.missed_ticks == missed0
 
 
 @pytest.mark.parametrize(("faulty", "kind"), [("nan_student", "nonfinite"), ("raising_student", "exception")])
@@ -216,16 +198,20 @@ def test_student_failure_hands_over_to_teacher_within_one_period(running, faulty
     probe.reset_until(side_positive=False)
     res = probe.set_policy(faulty)  # probed on the current observation (target_y < 0): passes
     assert res.successful, res.reason
-    wait_until(lambda: pol.runner.name == faulty and len(pol.latency) > 0, 5.0, what="the faulty student to run")
+    wait_until(lambda: pol.runner.name == faulty and len(pol.stats.latency) > 0, 5.0,
+               what="the faulty student to run")
     n_fallbacks = pol.supervisor.fallback_events
-    _, stamp = probe.reset_until(side_positive=True)  # its first tick is the first fault
-    rx, chunk = probe.chunk_for(stamp)
-    assert (rx - stamp) / 1e9 < PERIOD, f"teacher chunk {(rx - stamp) / 1e6:.1f} ms after the failing observation"
+    ep, stamp = probe.reset_until(side_positive=True)  # its first tick is the first fault
+    rx_hold, _ = probe.chunk_for(stamp, hold=True)  # the arm holds at once ...
+    rx, chunk = probe.chunk_for(stamp)  # ... until the teacher's chunk for that very tick arrives
+    assert rx_hold <= rx and (rx - stamp) / 1e9 < PERIOD, \
+        f"teacher chunk {(rx - stamp) / 1e6:.1f} ms after the failing observation"
     assert np.isfinite([p.positions for p in chunk.points]).all() and len(chunk.points) > 0
+    assert parse_episode(chunk.header.frame_id) == ep
     wait_until(lambda: "teacher_fallback" in probe.modes, 2.0, what="mode 'teacher_fallback'")
     assert pol.supervisor.fallback_events == n_fallbacks + 1
     assert pol.supervisor.unhealthy_by_kind.get(kind, 0) >= 1
-    assert pol.teacher_plans >= 1
+    assert pol.stats.teacher_plans >= 1
     n = len(probe.chunks)  # the teacher keeps serving every tick while the student fails
     wait_until(lambda: len(probe.chunks) >= n + 3, 2.0, what="teacher chunks in fallback")
     probe.reset_until(side_positive=False)  # healthy again: back to the student after 3 healthy ticks
@@ -234,22 +220,55 @@ def test_student_failure_hands_over_to_teacher_within_one_period(running, faulty
     assert "non-finite" not in stack["sim"].driver.executor.counters.reject_reasons
 
 
-def test_closed_loop_episodes_with_shipped_student_reach_target() -> None:
+def test_fallback_adopts_only_the_teachers_answer_to_this_episode_and_holds_meanwhile(
+        catalog: Path, contexts, participant) -> None:
+    """Without a teacher node, the test plays the teacher: chunks of another episode, or computed from an
+    observation older than one model period, are never adopted (the arm holds); the right one is."""
+    overrides = {"sim": {"auto_reset": False, "time_limit": 120.0, "seed": 11},
+                 "policy": {"catalog_root": str(catalog), "policy": "student", "recover_ticks": 3}}
+    specs = [s for s in build_stack(StackArgs(), overrides=overrides) if s.name != "teacher"]
+    with Stack(specs, context=contexts()) as stack:
+        pol = stack["policy"]
+        probe = Probe(participant("teacher_impostor"))
+        wait_until(lambda: len(probe.chunks) >= 3, 20.0, what="chunks from the running stack")
+        assert not pol.teacher_running() and "teacher not running" in pol.diagnostics()[0][2]
+        teacher = probe.p.publisher(topics.TEACHER_CHUNK, JointTrajectory, qos.TEACHER)
+        probe.reset_until(side_positive=False)
+        assert probe.set_policy("nan_student").successful
+        wait_until(lambda: pol.runner.name == "nan_student", 5.0, what="the faulty student to run")
+        ep, _ = probe.reset_until(side_positive=True)
+        wait_until(lambda: pol.supervisor.mode.value == "teacher_fallback", 3.0, what="the fallback")
+        n_holds = pol.stats.holds
+        wait_until(lambda: pol.stats.holds >= n_holds + 3, 3.0, what="hold commands while no teacher answers")
+        q = np.asarray(stack["sim"].driver.arm.q)
+
+        def answer(episode: int, age_ns: int) -> int:
+            stamp = probe.obs[-1][0] - age_ns
+            plans = pol.stats.teacher_plans
+            teacher.publish(convert.chunk_msg(stamp, [f"joint_{i}" for i in range(1, 8)], np.arange(8) * 0.1,
+                                              np.repeat(q[None], 8, 0), episode_label(episode)))
+            return plans
+
+        plans = answer(ep - 1, 0)  # another episode's answer
+        wait_until(lambda: pol.stats.holds >= n_holds + 6, 3.0, what="more holds")
+        plans = answer(ep, 150_000_000)  # computed 150 ms before the tick: older than a model period
+        wait_until(lambda: pol.stats.holds >= n_holds + 9, 3.0, what="more holds")
+        assert pol.stats.teacher_plans == plans, "a stale or foreign teacher chunk was adopted"
+        wait_until(lambda: answer(ep, 0) > plans, 3.0, interval=0.02,
+                   what="the teacher's answer to this episode's tick to be adopted")
+        assert "non-finite" not in stack["sim"].driver.executor.counters.reject_reasons
+
+
+def test_closed_loop_episodes_with_shipped_student_reach_target(contexts) -> None:
     from koopman_policy.catalog import resolve_policy
 
     entry = resolve_policy(None)
     assert entry.onnx is not None and entry.onnx.is_file(), f"the shipped default student {entry.onnx} is missing"
-    ctx = ros_context()
-    results: list[dict] = []
-    stack = Stack.from_args(StackArgs(), overrides={"sim": {"seed": 0}}, context=ctx)
-    try:
+    with Stack.from_args(StackArgs(), overrides={"sim": {"seed": 0}}, context=contexts()) as stack:
         node = stack["sim"]
         wait_until(lambda: len(node.driver.results) >= 3, 45.0, interval=0.1, what="three episodes")
         results = node.driver.results[:3]
         stack.check()
-    finally:
-        stack.close()
-        rclpy.shutdown(context=ctx)
     # The node redraws its noise per decision, keyed on the tick stamps, so an episode through DDS is one
     # draw of a policy that succeeds in 0.97 of them (139 of 143 in models/bench_stack_10hz.json): two of three.
     reached = [r for r in results if r["success"] and not r["collision"]]

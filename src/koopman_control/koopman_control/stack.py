@@ -32,6 +32,8 @@ LAUNCH_ARGUMENTS: dict[str, tuple[str, str]] = {
     "robot": ("", "sim | kortex | kortex-standin (the bridge against its MuJoCo stand-in); empty = from use_sim"),
 }
 ROBOTS = ("sim", "kortex", "kortex-standin")
+#: Node names of the robot drivers: the stack ends when one exits (launch file and process runner alike).
+ROBOT_DRIVERS = ("sim", "kortex_bridge")
 
 
 class StackError(ValueError):
@@ -181,7 +183,13 @@ def build_stack(args: StackArgs | None = None, root: str | Path | None = None,
     nodes: list[NodeSpec] = []
     camera = camera_settings(args.policy, root) if args.use_camera else {}
     if args.robot_kind == "sim":
-        nodes.append(_node("sim_node", "sim", "SimNode", files, publish_camera=args.use_camera,
+        from koopman_control.kortex import command_checks
+
+        try:
+            checks = command_checks(root)
+        except FileNotFoundError as err:
+            raise StackError(str(err)) from None
+        nodes.append(_node("sim_node", "sim", "SimNode", files, publish_camera=args.use_camera, **checks,
                            **camera.get("sim", {})))
     else:
         if args.use_camera:

@@ -50,8 +50,11 @@ def point_stamped(stamp_ns: int, xyz: Sequence[float], frame_id: str = "base_lin
                      "geometry_msgs/msg/PointStamped")
 
 
-def uint32(value: int) -> bytes:
-    return serialize(_types()["std_msgs/msg/UInt32"](data=int(value)), "std_msgs/msg/UInt32")
+def episode(episode_id: int, start_ns: int) -> bytes:
+    """An episode announcement (koopman_control.core.episodes): stamp = its start, frame_id = episode_<id>."""
+    from koopman_control.core.episodes import episode_label
+
+    return serialize(_header(start_ns, episode_label(episode_id)), "std_msgs/msg/Header")
 
 
 def string(text: str) -> bytes:

@@ -6,10 +6,11 @@ order the ingest would have received them, through the ingest's own core
 gaps and episode restarts as the live policy did.
 
 Ordering: messages are fed in the order the recorder received them (the bag's log time), which is the order
-a subscriber on the same machine sees them; ``/task/episode`` has no header stamp, so receive order is the only
-order all four topics share. At equal log times target/pillar come first, then the episode id, then joint
-states, as the ingest's executor serves them. Staleness is judged against each sample's own stamp ("received on
-time"): the age the live ingest saw is a property of that run's transport, not of the recorded data.
+a subscriber on the same machine sees them; which episode a sample or a task input belongs to follows from the
+stamps (``/task/episode`` announces each episode's start, :mod:`koopman_control.core.episodes`), whatever that
+order. Staleness is judged against each sample's own stamp ("received on time"): the age the live ingest saw is
+a property of that run's transport, not of the recorded data. The live ingest's plausibility checks (joint
+limits, speeds) are not repeated: a recorded run holds what the arm produced.
 
 Limits: the live ingest anchors its tick grid on the first sample it saw, and again on the first sample of
 every episode. The rebuild anchors on recorded ticks instead: an episode that started while recording starts
@@ -57,10 +58,10 @@ def _events(run: RecordedRun) -> list[tuple[int, int, int, object]]:
             if k == 0 and stamp < first_js:
                 at = early
                 latched_until = max(latched_until or log, log)
-            ev.append((at, _TASK, k if which == "target" else 10**9 + k, (which, xyz)))
-    for k, (log, episode) in enumerate(run.episodes):
+            ev.append((at, _TASK, k if which == "target" else 10**9 + k, (which, stamp, xyz)))
+    for k, (log, episode, start) in enumerate(run.episodes):
         initial = k == 0 and latched_until is not None and log <= latched_until + NS // 2
-        ev.append((early if initial else log, _EPISODE, k, episode))
+        ev.append((early if initial else log, _EPISODE, k, (episode, start)))
     for i, log in enumerate(run.js_log_ns.tolist()):
         ev.append((log, _STATE, i, None))
     ev.sort(key=lambda e: (e[0], e[1], e[2]))
@@ -130,11 +131,9 @@ def rebuild(run: RecordedRun, n_obs_steps: int, policy_rate_hz: float, use_task:
         warmup = bool(len(set(live.stamps_ns.tolist())) > 1)
     else:
         warmup = anchor is not None and len(run.js_stamp_ns) > 0 and anchor > int(run.js_stamp_ns[0])
-    b = StateObservationBuilder(run.joint_names, n_obs_steps, policy_rate_hz, use_task=use_task)
-    # The episode the anchor tick belongs to was already running live, whenever the recorder got its latched id.
+    b = StateObservationBuilder(run.joint_names, n_obs_steps, policy_rate_hz,
+                                task_inputs={"target": 3, "pillar": 3} if use_task else None)
     first = next((o for o in run.observations if anchor is not None and int(o.stamps_ns.min()) == anchor), None)
-    if first is not None:
-        b.set_episode(first.episode)
     phase = None
     if first is not None and auto:
         ticks = [o.stamp_ns for o in run.observations if o.episode == first.episode]
@@ -144,11 +143,13 @@ def rebuild(run: RecordedRun, n_obs_steps: int, policy_rate_hz: float, use_task:
     idx: list[int] = []
     for _log, kind, k, payload in _events(run):
         if kind == _TASK:
-            which, xyz = payload  # type: ignore[misc]
-            b.set_task(**{which: xyz})
+            which, stamp, xyz = payload  # type: ignore[misc]
+            if use_task:
+                b.set_task(which, stamp, xyz)
         elif kind == _EPISODE:
-            b.set_episode(int(payload))  # type: ignore[arg-type]
-            episode_start = starts.get(int(payload))  # type: ignore[arg-type]
+            episode, start = payload  # type: ignore[misc]
+            b.announce_episode(episode, start)
+            episode_start = starts.get(int(episode))
         else:
             stamp = int(run.js_stamp_ns[k])
             if (anchor is not None and stamp < anchor) or (episode_start is not None and stamp < episode_start):

@@ -25,6 +25,7 @@ import numpy as np
 
 from koopman_control.bag import topics as T
 from koopman_control.core.chunk import ActionChunk
+from koopman_control.core.episodes import parse_episode
 from koopman_control.core.observation import NS
 
 MAX_CDR_PADDING = 16
@@ -262,14 +263,7 @@ def chunk_from_bag_msg(msg: Any, joint_names: Sequence[str]) -> ActionChunk:
         rows.append(np.asarray(p.positions, dtype=np.float64))
     stamp = stamp_ns(msg.header.stamp)
     times = np.array([stamp + stamp_ns(p.time_from_start) for p in msg.points], dtype=np.int64)
-    return ActionChunk(stamp, times, np.stack(rows)[:, perm])
-
-
-def episode_of(frame_id: str) -> int:
-    """The ingest writes ``episode_<id>`` into an observation's frame_id."""
-    if frame_id.startswith("episode_") and frame_id[8:].isdigit():
-        return int(frame_id[8:])
-    return 0
+    return ActionChunk(stamp, times, np.stack(rows)[:, perm], parse_episode(msg.header.frame_id))
 
 
 @dataclass(frozen=True)
@@ -293,9 +287,10 @@ class RecordedRun:
     qd: np.ndarray  # (N, J)
     targets: list[tuple[int, int, np.ndarray]]  # (header stamp, log time, xyz)
     pillars: list[tuple[int, int, np.ndarray]]
-    episodes: list[tuple[int, int]]  # (log time, episode id)
+    episodes: list[tuple[int, int, int]]  # (log time, episode id, start stamp)
     results: list[dict[str, Any]] = field(default_factory=list)
     chunks: list[ActionChunk] = field(default_factory=list)
+    holds: list[int] = field(default_factory=list)  # stamps of the hold commands (chunks without points)
     teacher_chunks: list[ActionChunk] = field(default_factory=list)
     observations: list[RecordedObservation] = field(default_factory=list)
     modes: list[tuple[int, str]] = field(default_factory=list)  # (log time, mode)
@@ -402,7 +397,10 @@ def load_run(path: str | Path, joint_names: Sequence[str] | None = None,
                     (run.targets if topic == T.TARGET else run.pillars).append(
                         (stamp_ns(msg.header.stamp), log_ns, xyz))
                 elif topic == T.EPISODE:
-                    run.episodes.append((log_ns, int(msg.data)))
+                    episode = parse_episode(msg.frame_id)
+                    if episode is None:
+                        raise ValueError(f"episode announcement frame_id {msg.frame_id!r} is not episode_<id>")
+                    run.episodes.append((log_ns, episode, stamp_ns(msg.stamp)))
                 elif topic == T.EPISODE_RESULT:
                     try:
                         res = json.loads(msg.data)
@@ -410,19 +408,21 @@ def load_run(path: str | Path, joint_names: Sequence[str] | None = None,
                         raise ValueError(f"episode result is not JSON: {err}") from None
                     if isinstance(res, dict):
                         run.results.append({**res, "_log_ns": log_ns})
+                elif topic == T.ACTION_CHUNK and not len(msg.points):  # the hold command
+                    run.holds.append(stamp_ns(msg.header.stamp))
                 elif topic in (T.ACTION_CHUNK, T.TEACHER_CHUNK):
                     chunk = chunk_from_bag_msg(msg, jn)
                     if not monotonic(topic, chunk.stamp_ns, i, strict=False):
                         continue
                     (run.chunks if topic == T.ACTION_CHUNK else run.teacher_chunks).append(chunk)
                 elif topic == T.OBSERVATION:
-                    if not len(msg.points):
-                        raise ValueError("observation has no steps")
+                    if not len(msg.points):  # the ingest's stop marker: its inputs failed here
+                        continue
                     hist = np.asarray([p.positions for p in msg.points], dtype=np.float32)
                     st = stamp_ns(msg.header.stamp)
                     steps = np.array([st + stamp_ns(p.time_from_start) for p in msg.points], dtype=np.int64)
                     run.observations.append(RecordedObservation(st, hist, tuple(msg.joint_names),
-                                                                episode_of(msg.header.frame_id), steps))
+                                                                parse_episode(msg.header.frame_id) or 0, steps))
                 elif topic == T.MODE:
                     run.modes.append((log_ns, str(msg.data)))
             except BagError:

@@ -19,8 +19,10 @@ import numpy as np
 from koopman_control.bag import messages as M
 from koopman_control.bag import topics as T
 from koopman_control.bag.writer import BagSink
-from koopman_control.core.chunk import ActionChunk, published_points
+from koopman_control.core.chunk import ActionChunk, CommandChecks, published_points
+from koopman_control.core.episodes import Announcement, episode_label
 from koopman_control.core.observation import NS, StateObservationBuilder
+from koopman_control.core.sim_driver import EpisodeStart
 from koopman_control.core.supervisor import FallbackSupervisor, Mode
 
 EPOCH_NS = 1_700_000_000 * NS  # virtual clock start: a plausible wall-clock time, stable across runs
@@ -56,11 +58,14 @@ def record_sim_run(out: str | Path, *, driver: str = "expert", policy: str | Non
         runner = PolicyRunner.load(policy, seed=seed)
         n_obs_steps = max(n_obs_steps, runner.meta.n_obs_steps)
         policy_rate_hz = 1.0 / runner.meta.control_dt
-    sim = SimDriver(feedback_rate_hz=feedback_rate_hz, seed=seed, time_limit=time_limit, auto_reset=True)
+    from koopman_sim import gen3
+
+    checks = CommandChecks(gen3.JOINT_LOWER, gen3.JOINT_UPPER, interpolation="zoh")
+    sim = SimDriver(checks, feedback_rate_hz=feedback_rate_hz, seed=seed, time_limit=time_limit, auto_reset=True)
     names = list(sim.joint_names)
     obs_names = [f"q_{n}" for n in names] + [f"qd_{n}" for n in names] + [
         "target_x", "target_y", "target_z", "pillar_x", "pillar_y", "pillar_z"]
-    builder = StateObservationBuilder(names, n_obs_steps, policy_rate_hz)
+    builder = StateObservationBuilder(names, n_obs_steps, policy_rate_hz, task_inputs={"target": 3, "pillar": 3})
     supervisor = FallbackSupervisor(fallback_enabled=False)
     if runner is not None:
         supervisor.select(runner.is_teacher)
@@ -77,33 +82,37 @@ def record_sim_run(out: str | Path, *, driver: str = "expert", policy: str | Non
             if name != T.DIAGNOSTICS and (name != T.TEACHER_CHUNK):
                 bag.add_topic(name, T.STACK_TOPICS[name].msgtype)
 
-        def announce(ep_start: object) -> None:
-            e = ep_start
-            t = e.stamp_ns + log_latency_ns + 10_000  # type: ignore[attr-defined]  # after that step's joint state
-            bag.write(T.TARGET, t, M.point_stamped(e.stamp_ns, e.target))  # type: ignore[attr-defined]
-            bag.write(T.PILLAR, t + 1000, M.point_stamped(e.stamp_ns, e.pillar))  # type: ignore[attr-defined]
-            bag.write(T.EPISODE, t + 2000, M.uint32(e.episode))  # type: ignore[attr-defined]
-            builder.set_task(target=e.target, pillar=e.pillar)  # type: ignore[attr-defined]
-            builder.set_episode(e.episode)  # type: ignore[attr-defined]
+        def announce(ann: Announcement, t: int) -> None:
+            bag.write(T.EPISODE, t + log_latency_ns, M.episode(ann.episode, ann.start_ns))
+            builder.announce_episode(ann.episode, ann.start_ns)
+
+        def task(e: EpisodeStart) -> None:
+            t = e.stamp_ns + log_latency_ns - 10_000  # before that step's joint state, as the sim publishes them
+            bag.write(T.TARGET, t, M.point_stamped(e.stamp_ns, e.target))
+            bag.write(T.PILLAR, t + 1000, M.point_stamped(e.stamp_ns, e.pillar))
+            builder.set_task("target", e.stamp_ns, e.target)
+            builder.set_task("pillar", e.stamp_ns, e.pillar)
 
         def publish_mode(mode: Mode, t: int) -> None:
             bag.write(T.MODE, t, M.string(mode.value))
 
-        announce(sim.reset_episode(now))
+        announce(sim.schedule_reset(now), now)
         mode = supervisor.mode if runner is not None else Mode.TEACHER
         publish_mode(mode, now + 4000)
         expert_episode = -1
         for _ in range(round(duration_s * feedback_rate_hz)):
             now += period_ns
             st = sim.step(now)
+            if st.started is not None:
+                task(st.started)
             bag.write(T.JOINT_STATES, now + log_latency_ns, M.joint_state(now, names, st.q, st.qd))
             obs = builder.on_joint_state(names, st.q, st.qd, now, now)
             if obs is not None:
                 ticks += 1
                 t_obs = now + log_latency_ns + 100_000
                 offs = (obs.stamps_ns - obs.stamp_ns).tolist()
-                bag.write(T.OBSERVATION, t_obs, M.trajectory(obs.stamp_ns, obs_names, offs, obs.history,
-                                                            f"episode_{obs.episode}"))
+                label = episode_label(obs.episode)
+                bag.write(T.OBSERVATION, t_obs, M.trajectory(obs.stamp_ns, obs_names, offs, obs.history, label))
                 points = None
                 if runner is None:
                     vec = obs.history[-1]
@@ -124,13 +133,13 @@ def record_sim_run(out: str | Path, *, driver: str = "expert", policy: str | Non
                 if points is not None:
                     off_ns = np.round(np.asarray(offsets) * NS).astype(np.int64)
                     bag.write(T.ACTION_CHUNK, t_obs + 200_000,
-                              M.trajectory(obs.stamp_ns, names, off_ns.tolist(), points))
-                    sim.submit(ActionChunk(obs.stamp_ns, obs.stamp_ns + off_ns, points), now)
+                              M.trajectory(obs.stamp_ns, names, off_ns.tolist(), points, label))
+                    sim.submit(ActionChunk(obs.stamp_ns, obs.stamp_ns + off_ns, points, obs.episode), now)
                     chunks += 1
             if st.result is not None:
                 bag.write(T.EPISODE_RESULT, now + log_latency_ns + 1, M.string(json.dumps(st.result)))
-            if st.started is not None:
-                announce(st.started)
+            if st.announced is not None:
+                announce(st.announced, now)
         count = bag.message_count
     del control_dt
     return SimRunSummary(str(out), count, duration_s, len(sim.results), ticks, chunks)

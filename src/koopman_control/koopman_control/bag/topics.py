@@ -2,7 +2,7 @@
 
 One table shared by the recorder (what to subscribe to, with which QoS), the player (what to publish, latched
 or not), the reader (which types to expect) and the replay (which topics are inputs, which are outputs).
-Names and types follow the nodes in :mod:`koopman_control.nodes`.
+Names are :mod:`koopman_control.topics`' as the stack resolves them in the root namespace.
 """
 
 from __future__ import annotations
@@ -14,17 +14,19 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from rosbags.typesys.store import Typestore
 
-JOINT_STATES = "/joint_states"
-TARGET = "/task/target"
-PILLAR = "/task/pillar"
-EPISODE = "/task/episode"
-EPISODE_RESULT = "/task/episode_result"
-CAMERA = "/camera/image_raw"
-OBSERVATION = "/policy/observation"
-ACTION_CHUNK = "/policy/action_chunk"
-TEACHER_CHUNK = "/teacher/action_chunk"
-MODE = "/policy/mode"
-DIAGNOSTICS = "/diagnostics"
+from koopman_control import topics as _t
+
+JOINT_STATES = f"/{_t.JOINT_STATES}"
+TARGET = f"/{_t.TARGET}"
+PILLAR = f"/{_t.PILLAR}"
+EPISODE = f"/{_t.EPISODE}"
+EPISODE_RESULT = f"/{_t.EPISODE_RESULT}"
+CAMERA = f"/{_t.CAMERA}"
+OBSERVATION = f"/{_t.OBSERVATION}"
+ACTION_CHUNK = f"/{_t.ACTION_CHUNK}"
+TEACHER_CHUNK = f"/{_t.TEACHER_CHUNK}"
+MODE = f"/{_t.MODE}"
+DIAGNOSTICS = _t.DIAGNOSTICS
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ STACK_TOPICS: dict[str, TopicSpec] = {t.name: t for t in (
     TopicSpec(JOINT_STATES, "sensor_msgs/msg/JointState", "sensor", "sensor", required=True),
     TopicSpec(TARGET, "geometry_msgs/msg/PointStamped", "latched", "sensor", required=True),
     TopicSpec(PILLAR, "geometry_msgs/msg/PointStamped", "latched", "sensor", required=True),
-    TopicSpec(EPISODE, "std_msgs/msg/UInt32", "latched", "sensor"),
+    TopicSpec(EPISODE, "std_msgs/msg/Header", "latched", "sensor"),
     TopicSpec(EPISODE_RESULT, "std_msgs/msg/String", "events", "sensor"),
     TopicSpec(CAMERA, "sensor_msgs/msg/Image", "sensor", "sensor"),
     TopicSpec(OBSERVATION, "trajectory_msgs/msg/JointTrajectory", "control", "stack"),

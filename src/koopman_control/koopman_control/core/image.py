@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from koopman_control.core.episodes import EpisodeTimeline
 from koopman_control.core.observation import NS, InputStatus, Observation, ObservationHistory
 
 CHANNELS = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}
@@ -86,6 +87,7 @@ class ImageObservationBuilder:
         self.status = InputStatus.WAITING
         self.reason = "no frame yet"
         self.episode = 0
+        self.timeline = EpisodeTimeline()
         self._frame: tuple[int, np.ndarray] | None = None  # (stamp, decoded rgb), normalised lazily at a tick
         self._last_used_stamp: int | None = None
         self._img: np.ndarray | None = None  # the newest frame, normalised
@@ -93,11 +95,9 @@ class ImageObservationBuilder:
         self.emitted = 0
         self.faults = 0
 
-    def set_episode(self, episode: int) -> None:
-        if episode != self.episode:
-            self.episode = int(episode)
-            self.history.clear()
-            self._pad_next = True
+    def announce_episode(self, episode: int, start_ns: int) -> None:
+        """An episode announcement: frames stamped from ``start_ns`` on are its own (core.episodes)."""
+        self.timeline.announce(episode, start_ns)
 
     def on_frame(self, stamp_ns: int, rgb: np.ndarray | None, error: str | None = None) -> None:
         if error is not None or rgb is None:
@@ -126,6 +126,13 @@ class ImageObservationBuilder:
             self._fault(InputStatus.STALE,
                         f"newest frame is {age / 1e6:.0f} ms old (limit {self.max_age_ns / 1e6:.0f} ms)")
             return None
+        episode = self.timeline.episode_at(stamp)
+        if episode < self.episode:  # a frame taken before the running episode began: wait for a new one
+            return None
+        if episode != self.episode:
+            self.episode = episode
+            self.history.clear()
+            self._pad_next = True
         new = stamp != self._last_used_stamp
         if new:
             img = self.normalizer(rgb)

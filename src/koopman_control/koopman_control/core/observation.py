@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
 
-NS = 1_000_000_000
+from koopman_control.core.clock import NS
+from koopman_control.core.episodes import EpisodeTimeline
+
+__all__ = ["NS", "InputStatus", "JointBounds", "Observation", "ObservationHistory", "StateObservationBuilder",
+           "reorder"]
 
 
 class InputStatus(StrEnum):
@@ -109,10 +113,57 @@ def reorder(names: Sequence[str], values: Sequence[float], wanted: Sequence[str]
     return np.array([values[index[n]] for n in wanted], dtype=np.float64)
 
 
-class StateObservationBuilder:
-    """``/joint_states`` + task target and pillar -> the 20-d task observation history at the policy rate.
+@dataclass(frozen=True)
+class JointBounds:
+    """What a joint sample can physically be: positions near the limits, speeds and steps near the rated speed.
 
-    Vector layout (the task's OBS_NAMES): ``[q(7), qd(7), target_xyz(3), pillar_xyz(3)]``.
+    A sample outside these bounds is not the arm's (a second publisher, a driver fault, 1e9 from a bad
+    conversion): it stops the observations instead of reaching a policy, which answered such inputs with
+    targets of -3.9 to 15.7 rad. ``speed_factor`` leaves room for what the arm really does (the sim's
+    joints briefly exceed their rated speeds in contacts) while catching what it cannot.
+    """
+
+    lower: np.ndarray
+    upper: np.ndarray
+    speed: np.ndarray  # rated joint speeds
+    position_margin: float = 0.1
+    speed_factor: float = 3.0
+    step_tolerance: float = 0.05  # plus the distance that speed covers between two samples
+
+    def check(self, names: Sequence[str], q: np.ndarray, qd: np.ndarray, prev: tuple[int, np.ndarray] | None,
+              stamp_ns: int) -> tuple[str, str] | None:
+        """(cause, reason) when the sample is implausible, else None."""
+        lo, hi = self.lower - self.position_margin, self.upper + self.position_margin
+        bad = (q < lo) | (q > hi)
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            return "implausible position", (f"joint_states {names[j]} = {q[j]:.4g} outside its limits "
+                                            f"[{self.lower[j]:.3f}, {self.upper[j]:.3f}]")
+        vmax = self.speed_factor * self.speed
+        bad = np.abs(qd) > vmax
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            return "implausible velocity", (f"joint_states {names[j]} velocity {qd[j]:.4g} beyond "
+                                            f"{self.speed_factor:g}x its rated {self.speed[j]:.3f}")
+        if prev is not None:
+            dt = (stamp_ns - prev[0]) / NS
+            step = np.abs(q - prev[1])
+            bad = step > vmax * dt + self.step_tolerance
+            if bad.any():
+                j = int(np.flatnonzero(bad)[0])
+                return "jump", (f"joint_states {names[j]} jumped {step[j]:.3f} in {dt * 1e3:.1f} ms (a second "
+                                "publisher, or a reset that was not announced?)")
+        return None
+
+
+class StateObservationBuilder:
+    """``/joint_states`` + task inputs -> the task observation history at the policy rate.
+
+    Vector layout (the task's OBS_NAMES): ``[q, qd, task inputs...]``, e.g. ``[q(7), qd(7), target_xyz(3),
+    pillar_xyz(3)]`` for the reach task. Every sample belongs to the episode its stamp falls in
+    (:class:`~koopman_control.core.episodes.EpisodeTimeline`), and a task input to the episode whose start
+    its stamp is at or after: a history never holds samples of two episodes, nor one episode's joints with
+    another's task inputs, whatever order the topics arrive in.
     """
 
     def __init__(
@@ -122,25 +173,31 @@ class StateObservationBuilder:
         policy_rate_hz: float,
         max_state_age_s: float = 0.05,
         tick_tolerance_s: float = 0.0005,
-        use_task: bool = True,
+        task_inputs: Mapping[str, int] | None = None,
         history_spacing_s: float | None = None,
+        bounds: JointBounds | None = None,
     ) -> None:
         if not policy_rate_hz > 0 or not math.isfinite(policy_rate_hz):
             raise ValueError(f"policy_rate must be a positive number of Hz, got {policy_rate_hz}")
         if not max_state_age_s > 0:
             raise ValueError(f"max_state_age must be positive, got {max_state_age_s}")
         self.joint_names = tuple(joint_names)
+        if bounds is not None and bounds.lower.shape != (len(self.joint_names),):
+            raise ValueError(f"joint bounds have {bounds.lower.size} entries for {len(self.joint_names)} joints")
+        self.bounds = bounds
         self.period_ns = round(NS / policy_rate_hz)
         self.max_age_ns = round(max_state_age_s * NS)
         self.tol_ns = round(tick_tolerance_s * NS)
-        self.use_task = use_task
+        self.task_dims = dict(task_inputs or {})
         self.history = ObservationHistory(n_obs_steps, 1.0 / policy_rate_hz, spacing_s=history_spacing_s)
-        self.target: np.ndarray | None = None
-        self.pillar: np.ndarray | None = None
+        self.timeline = EpisodeTimeline()
+        self._task: dict[str, deque[tuple[int, np.ndarray]]] = {k: deque(maxlen=8) for k in self.task_dims}
         self.episode = 0
         self.status = InputStatus.WAITING
         self.reason = "no joint state yet"
+        self.cause = ""
         self.last_state_stamp_ns: int | None = None
+        self._prev: tuple[int, np.ndarray] | None = None  # last plausible sample of this episode: (stamp, q)
         self._last_rx_ns: int | None = None
         self._next_tick_ns: int | None = None
         self._pad_next = True
@@ -148,26 +205,43 @@ class StateObservationBuilder:
         self.missed_ticks = 0
         self.faults = 0  # transitions into STALE or INVALID
         self.dropped = 0  # out-of-order samples
+        self.episode_starts = 0  # histories restarted at an episode boundary
+        self.events: list[tuple[str, str]] = []  # (cause, reason) of every fault since the caller last took them
 
     # -- inputs ----------------------------------------------------------------------------------------------
-    def set_task(self, target: Sequence[float] | None = None, pillar: Sequence[float] | None = None) -> None:
-        for name, value in (("target", target), ("pillar", pillar)):
-            if value is None:
-                continue
-            arr = np.asarray(value, dtype=np.float64)
-            if arr.shape != (3,) or not np.isfinite(arr).all():
-                self._fault(InputStatus.INVALID, f"task {name} must be 3 finite numbers, got {value!r}")
-                setattr(self, name, None)
-                continue
-            setattr(self, name, arr)
+    def announce_episode(self, episode: int, start_ns: int) -> None:
+        """An episode announcement (``/task/episode``): samples stamped from ``start_ns`` on are its own."""
+        if self.timeline.announce(episode, start_ns) and self.last_state_stamp_ns is not None \
+                and start_ns <= self.last_state_stamp_ns:
+            # Samples of the new episode arrived before its announcement (see core.episodes): drop the
+            # history they went into.
+            self._new_episode(self.timeline.episode_at(self.last_state_stamp_ns))
 
-    def set_episode(self, episode: int) -> None:
-        """A new episode: the history restarts (padded), the tick grid re-anchors on the next sample."""
-        if episode != self.episode:
-            self.episode = int(episode)
-            self.history.clear()
-            self._pad_next = True
-            self._next_tick_ns = None
+    def set_task(self, name: str, stamp_ns: int, value: Sequence[float]) -> None:
+        """A task input stamped ``stamp_ns``: used by samples of the episode it was stamped in."""
+        if name not in self._task:
+            raise ValueError(f"unknown task input {name!r}; this ingest reads {sorted(self._task)}")
+        arr = np.asarray(value, dtype=np.float64)
+        if arr.shape != (self.task_dims[name],) or not np.isfinite(arr).all():
+            self._fault(InputStatus.INVALID, "task input", f"task {name} must be {self.task_dims[name]} finite "
+                                                           f"numbers, got {list(value)!r}")
+            return
+        self._task[name].append((int(stamp_ns), arr))
+
+    def _task_value(self, name: str, stamp_ns: int) -> np.ndarray | None:
+        start = self.timeline.start_of(stamp_ns)
+        for t, v in reversed(self._task[name]):
+            if t <= stamp_ns and (start is None or t >= start):
+                return v
+        return None
+
+    def _new_episode(self, episode: int) -> None:
+        self.episode = int(episode)
+        self.history.clear()
+        self._pad_next = True
+        self._next_tick_ns = None
+        self._prev = None
+        self.episode_starts += 1
 
     def align_grid(self, grid_ns: int) -> None:
         """Put the tick grid on ``grid_ns + k * period`` from the newest sample on (a replay reconstructing the
@@ -188,29 +262,49 @@ class StateObservationBuilder:
                 raise ValueError("joint_states has no velocities")
             qd = reorder(names, velocity, self.joint_names, "joint_states velocity")
         except ValueError as err:
-            self._fault(InputStatus.INVALID, str(err))
+            self._fault(InputStatus.INVALID, "malformed", str(err))
             return None
         if not (np.isfinite(q).all() and np.isfinite(qd).all()):
             finite = np.isfinite(q) & np.isfinite(qd)
             bad = [n for n, ok in zip(self.joint_names, finite, strict=True) if not ok]
-            self._fault(InputStatus.INVALID, f"joint_states has NaN/inf for {', '.join(bad)}")
+            self._fault(InputStatus.INVALID, "non-finite", f"joint_states has NaN/inf for {', '.join(bad)}")
             return None
         age = now_ns - stamp_ns
         if age > self.max_age_ns:
-            self._fault(InputStatus.STALE,
+            self._fault(InputStatus.STALE, "stale",
                         f"joint state is {age / 1e6:.1f} ms old (limit {self.max_age_ns / 1e6:.0f} ms)")
             return None
         if age < -self.max_age_ns:
-            self._fault(InputStatus.INVALID,
+            self._fault(InputStatus.INVALID, "future stamp",
                         f"joint state stamped {-age / 1e6:.1f} ms in the future (clock skew?)")
             return None
         if self.last_state_stamp_ns is not None and stamp_ns <= self.last_state_stamp_ns:
             self.dropped += 1
             return None
         self.last_state_stamp_ns = stamp_ns
-        if self.use_task and (self.target is None or self.pillar is None):
-            self.status, self.reason = InputStatus.WAITING, "no task target/pillar yet"
+        episode = self.timeline.episode_at(stamp_ns)
+        if episode != self.episode:
+            self._new_episode(episode)
+        latest = self.timeline.latest
+        if latest is not None and latest[1] > stamp_ns:
+            # The next episode is announced: this one is over and the arm is held for the reset.
+            self.history.clear()
+            self.status, self.reason = InputStatus.WAITING, f"episode {latest[0]} starts at its reset"
             return None
+        if self.bounds is not None:
+            problem = self.bounds.check(self.joint_names, q, qd, self._prev, stamp_ns)
+            if problem is not None:
+                self._prev = None  # the next plausible sample starts a new reference
+                self._fault(InputStatus.INVALID, *problem)
+                return None
+        self._prev = (stamp_ns, q)
+        task = []
+        for name in self.task_dims:
+            v = self._task_value(name, stamp_ns)
+            if v is None:
+                self.status, self.reason = InputStatus.WAITING, f"no task {name} for episode {episode} yet"
+                return None
+            task.append(v)
         if self._next_tick_ns is not None and stamp_ns < self._next_tick_ns - self.tol_ns:
             return None
         if self._next_tick_ns is None:
@@ -220,11 +314,10 @@ class StateObservationBuilder:
             if late > 0:
                 self.missed_ticks += int(late)
             self._next_tick_ns += (late + 1) * self.period_ns
-        parts = [q, qd] + ([self.target, self.pillar] if self.use_task else [])
-        obs = self.history.push(stamp_ns, np.concatenate(parts), self.episode, pad=self._pad_next)
+        obs = self.history.push(stamp_ns, np.concatenate([q, qd, *task]), episode, pad=self._pad_next)
         self._pad_next = False
         if self.status is not InputStatus.OK:
-            self.status, self.reason = InputStatus.OK, "ok"
+            self.status, self.reason, self.cause = InputStatus.OK, "ok", ""
         if obs is not None:
             self.emitted += 1
         return obs
@@ -236,13 +329,20 @@ class StateObservationBuilder:
             return self.status
         age = now_ns - self._last_rx_ns
         if age > self.max_age_ns and self.status is not InputStatus.STALE:
-            self._fault(InputStatus.STALE,
+            self._fault(InputStatus.STALE, "silent",
                         f"no joint state for {age / 1e6:.0f} ms (limit {self.max_age_ns / 1e6:.0f} ms)")
         return self.status
 
-    def _fault(self, status: InputStatus, reason: str) -> None:
+    def take_events(self) -> list[tuple[str, str]]:
+        """The faults since the last call, each once (the node logs and counts them)."""
+        events, self.events = self.events, []
+        return events
+
+    def _fault(self, status: InputStatus, cause: str, reason: str) -> None:
+        self.events.append((cause, reason))
+        del self.events[:-1000]
         if self.status not in (InputStatus.STALE, InputStatus.INVALID):
             self.faults += 1
-        self.status, self.reason = status, reason
+        self.status, self.cause, self.reason = status, cause, reason
         self.history.clear()
         self._next_tick_ns = None

@@ -1,8 +1,11 @@
 """The simulated arm as the control stack sees a robot: joint feedback out, action chunks in, episodes scored.
 
 Wraps ``koopman_sim``'s :class:`Gen3Arm` and :class:`ReachObstacleTask` (the same physics and scoring as the
-10 Hz gym environment) and steps them at the feedback rate from a real-time loop. Everything that touches
-MuJoCo state holds ``lock``: chunks and resets arrive from ROS callbacks on other threads.
+10 Hz gym environment) and steps them at the feedback rate from a real-time loop. Chunks pass the arm's own
+:class:`~koopman_control.core.chunk.CommandChecks`, so a chunk the Kortex bridge would refuse is refused here
+too. Episodes follow :mod:`koopman_control.core.episodes`: announced one ``reset_delay`` ahead, the arm reset
+at the announced instant, scored from the first accepted chunk. Everything that touches MuJoCo state holds
+``lock``: chunks, holds and resets arrive from ROS callbacks on other threads.
 """
 
 from __future__ import annotations
@@ -13,11 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from koopman_control.core.chunk import ActionChunk, ChunkExecutor
+from koopman_control.core.chunk import ActionChunk, ChunkExecutor, CommandChecks
+from koopman_control.core.episodes import Announcement, EpisodeSequencer, Phase
 
 
 @dataclass(frozen=True)
 class EpisodeStart:
+    """A reset applied: the episode's first sample is stamped ``stamp_ns``; its task inputs."""
+
     episode: int
     stamp_ns: int
     seed: int
@@ -31,13 +37,14 @@ class SimState:
     q: np.ndarray
     qd: np.ndarray
     result: dict[str, Any] | None = None  # set on the step an episode ended
-    started: EpisodeStart | None = None  # set on the step an automatic reset happened
+    announced: Announcement | None = None  # set on the step the next episode was scheduled
+    started: EpisodeStart | None = None  # set on the step a reset was applied
 
 
 class SimDriver:
-    def __init__(self, *, feedback_rate_hz: float = 500.0, physics_dt: float = 0.002, time_limit: float = 8.0,
-                 seed: int = 0, auto_reset: bool = True, command_timeout_s: float = 0.3,
-                 interpolation: str = "zoh", model_path: str | None = None) -> None:
+    def __init__(self, checks: CommandChecks, *, feedback_rate_hz: float = 500.0, physics_dt: float = 0.002,
+                 time_limit: float = 8.0, seed: int = 0, auto_reset: bool = True, reset_delay_s: float = 0.1,
+                 start_timeout_s: float = 30.0, model_path: str | None = None) -> None:
         from koopman_sim import gen3
         from koopman_sim.arm import Gen3Arm
         from koopman_sim.tasks.reach_obstacle import ReachObstacleTask
@@ -52,33 +59,53 @@ class SimDriver:
         self.joint_names = tuple(gen3.JOINT_NAMES)
         self.arm = Gen3Arm(model_path or None, physics_dt=period / self.substeps)
         self.task = ReachObstacleTask(self.arm, time_limit=time_limit)
-        self.executor = ChunkExecutor(gen3.JOINT_LOWER, gen3.JOINT_UPPER, command_timeout_s, interpolation)
-        self.seed = int(seed)
-        self.auto_reset = auto_reset
+        if checks.lower.shape != (len(self.joint_names),):
+            raise ValueError(f"command checks have {checks.lower.size} joint limits, the arm has "
+                             f"{len(self.joint_names)} joints")
+        self.executor = ChunkExecutor(checks)
+        self.sequencer = EpisodeSequencer(seed=seed, reset_delay_s=reset_delay_s, start_timeout_s=start_timeout_s,
+                                          auto_reset=auto_reset)
         self.lock = threading.RLock()
-        self.episode = 0
-        self.episode_seed = self.seed
-        self.results: list[dict[str, Any]] = []
-        self._reported = False
         self.set_target_errors = 0
 
+    @property
+    def episode(self) -> int:
+        return self.sequencer.episode
+
+    @property
+    def results(self) -> list[dict[str, Any]]:
+        return self.sequencer.results
+
     # -- episodes --------------------------------------------------------------------------------------------
-    def reset_episode(self, now_ns: int, seed: int | None = None) -> EpisodeStart:
-        """New episode: arm to the (noisy) start pose, new target and pillar, plan forgotten."""
+    def schedule_reset(self, now_ns: int, seed: int | None = None) -> Announcement:
+        """Announce a new episode one reset delay from now; the current one is abandoned unscored and the arm
+        holds where it is until the reset."""
         with self.lock:
-            self.episode += 1
-            self.episode_seed = int(seed) if seed is not None else self.seed * 100_003 + self.episode
-            self.task.reset(np.random.default_rng(self.episode_seed))
-            self.task.update()
-            self.executor.reset(now_ns, self.arm.q)
-            self._reported = False
-            return EpisodeStart(self.episode, int(now_ns), self.episode_seed, self.task.target.copy(),
-                                self.task.pillar.copy())
+            self.executor.hold(now_ns, self.arm.q, command=False)
+            return self.sequencer.schedule(now_ns, seed)
+
+    def _apply_reset(self, ann: Announcement, now_ns: int) -> EpisodeStart:
+        self.task.reset(np.random.default_rng(ann.seed))
+        self.task.update()
+        self.executor.reset(now_ns, self.arm.q, ann.episode)
+        self.sequencer.begin(ann, now_ns)
+        return EpisodeStart(ann.episode, int(now_ns), ann.seed, self.task.target.copy(), self.task.pillar.copy())
 
     # -- commands --------------------------------------------------------------------------------------------
     def submit(self, chunk: ActionChunk, now_ns: int) -> tuple[bool, str]:
         with self.lock:
-            return self.executor.submit(chunk, now_ns)
+            if self.sequencer.phase is Phase.RESETTING:
+                return self.executor.reject(f"outdated: episode {self.sequencer.episode} is over, the arm is "
+                                            "held for the next reset")
+            ok, reason = self.executor.submit(chunk, now_ns, self.arm.q)
+            if ok and self.sequencer.chunk_accepted(now_ns):
+                self.task.restart_clock()
+            return ok, reason
+
+    def hold(self, now_ns: int) -> None:
+        """The hold command: stop where the arm is now."""
+        with self.lock:
+            self.executor.hold(now_ns, self.arm.q)
 
     def refuse(self, reason: str) -> tuple[bool, str]:
         """Count a chunk that could not even be converted (wrong joint names, ragged points)."""
@@ -87,34 +114,54 @@ class SimDriver:
 
     # -- physics ---------------------------------------------------------------------------------------------
     def step(self, now_ns: int, skipped: int = 0) -> SimState:
-        """Sample the joints at ``now_ns``, then advance one period (plus ``skipped`` dropped ones, up to 50).
+        """:meth:`sample` then :meth:`advance`: one feedback period on a virtual clock (``bag.simrun``)."""
+        st = self.sample(now_ns)
+        result, announced = self.advance(now_ns, skipped)
+        return SimState(st.stamp_ns, st.q, st.qd, result, announced, st.started)
 
-        The returned state is the one measured *before* the step, as a robot's feedback is sampled before the
-        command of the same cycle takes effect. Sampling after the step (under the next chunk point's
-        set-point) yet stamping with the step's start showed the policy joint velocities 2.5-4x the gym
-        environment's at the same phase, and closed-loop success through topics dropped accordingly.
+    def sample(self, now_ns: int) -> SimState:
+        """Apply a due reset and measure the joints at ``now_ns``: the feedback sample, published before the
+        physics of the period runs, so its latency does not include the step.
+
+        The sample is the state *before* the step, as a robot's feedback is sampled before the command of the
+        same cycle takes effect. Sampling after the step (under the next chunk point's set-point) yet stamping
+        with the step's start showed the policy joint velocities 2.5-4x the gym environment's at the same
+        phase, and closed-loop success through topics dropped accordingly.
         """
         with self.lock:
-            arm, task = self.arm, self.task
-            q, qd = arm.q, arm.qd  # copies
+            started = None
+            if (ann := self.sequencer.due(now_ns)) is not None:
+                started = self._apply_reset(ann, now_ns)
+            return SimState(now_ns, self.arm.q, self.arm.qd, started=started)  # copies
+
+    def advance(self, now_ns: int, skipped: int = 0) -> tuple[dict[str, Any] | None, Announcement | None]:
+        """Command the arm for ``now_ns`` and advance one period (plus ``skipped`` dropped ones, up to 50);
+        (the result of an episode that ended, the next episode's announcement)."""
+        with self.lock:
+            seq, arm, task = self.sequencer, self.arm, self.task
             target = self.executor.command(now_ns, arm.q)
             if target is not None:
                 try:
                     arm.set_target(target)
                 except ValueError:  # cannot happen for validated chunks; never let it stop the physics
                     self.set_target_errors += 1
+            scoring = seq.phase is Phase.RUNNING
             for _ in range(self.substeps * (1 + min(skipped, 50))):
                 arm.step(1)
-                if not self._reported:
+                if scoring:
                     task.update()
-            result = started = None
-            if not self._reported and task.done:
-                self._reported = True
-                result = {"episode": self.episode, "seed": self.episode_seed, **task.result().to_dict()}
-                self.results.append(result)
-        if result is not None and self.auto_reset:
-            started = self.reset_episode(now_ns)
-        return SimState(now_ns, q, qd, result, started)
+            result = announced = None
+            if scoring and task.done:
+                result, announced = seq.finish(now_ns, task.result().to_dict())
+            elif seq.start_overdue(now_ns):
+                waited = (now_ns - seq.start_ns) / 1e9
+                unscored = {**task.result().to_dict(), "success": False, "collision": False, "side": None,
+                            "duration": 0.0, "time_to_success": None,
+                            "start": f"no action chunk within {waited:.1f} s of the reset: is the policy running?"}
+                result, announced = seq.finish(now_ns, unscored)
+            if result is not None:
+                self.executor.hold(now_ns, arm.q, command=False)
+        return result, announced
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
         """qpos and mocap positions, for rendering on another thread without touching the live data."""
@@ -124,14 +171,39 @@ class SimDriver:
 
     def summary(self) -> dict[str, Any]:
         with self.lock:
-            res = list(self.results)
-        n = len(res)
-        return {
-            "episodes": n,
-            "successes": sum(r["success"] for r in res),
-            "collisions": sum(r["collision"] for r in res),
-            "success_rate": (sum(r["success"] for r in res) / n) if n else None,
-            "sides": {str(s).lower(): sum(r["side"] == s for r in res) for s in ("left", "right", None)},
-            "commands": {"accepted": self.executor.counters.accepted, "rejected": self.executor.counters.rejected,
-                         "clamped": self.executor.counters.clamped, "timeouts": self.executor.counters.timeouts},
-        }
+            res = list(self.sequencer.results)
+            counters = self.executor.counters
+            commands = {"accepted": counters.accepted, "rejected": counters.rejected, "holds": counters.holds,
+                        "timeouts": counters.timeouts, "refused_by_cause": dict(counters.reject_reasons),
+                        "stops": list(counters.stops)}
+        return {**episode_summary(res), "commands": commands}
+
+
+def result_line(r: dict[str, Any]) -> str:
+    """One log line per episode result."""
+    outcome = "success" if r.get("success") else "collision" if r.get("collision") else \
+        r.get("start") or "time limit"
+    side = f", {r['side']}" if r.get("side") else ""
+    return f"episode {r.get('episode')} (seed {r.get('seed')}): {outcome}{side} after {r.get('duration', 0):.2f} s"
+
+
+def episode_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts over episode results, and each episode's figures (the sim's and the stand-in's alike).
+
+    ``collision_after_start_s`` is the collision's time after the episode's clock started (its duration,
+    since a collision ends the episode): the bringup checks that none comes right after a reset.
+    """
+    n = len(results)
+    episodes = [{"episode": r.get("episode"), "seed": r.get("seed"), "success": bool(r.get("success")),
+                 "collision": bool(r.get("collision")), "side": r.get("side"),
+                 "collision_after_start_s": r.get("duration") if r.get("collision") else None,
+                 "waited_s": r.get("waited_s"), **({"start": r["start"]} if "start" in r else {})}
+                for r in results]
+    return {
+        "episodes": n,
+        "successes": sum(e["success"] for e in episodes),
+        "collisions": sum(e["collision"] for e in episodes),
+        "success_rate": (sum(e["success"] for e in episodes) / n) if n else None,
+        "sides": {str(s).lower(): sum(e["side"] == s for e in episodes) for s in ("left", "right", None)},
+        "episode_list": episodes,
+    }

@@ -11,8 +11,23 @@ from pathlib import Path
 from typing import Any
 
 KINOVA_FILE = "kinova.yaml"
+#: The arm's command checks (koopman_control.core.chunk.CommandChecks), which the sim node takes from
+#: config/kinova.yaml too: what runs in simulation is what the arm would accept.
+COMMAND_CHECK_KEYS = ("watchdog_timeout", "max_start_deviation", "max_chunk_age", "position_lower",
+                      "position_upper")
 ROBOTS = ("sim", "kortex", "kortex-standin")
 STANDIN_IP = "192.168.1.10"
+
+
+def command_checks(root: str | Path) -> dict[str, Any]:
+    """The arm's command-check parameters from ``config/kinova.yaml`` (those it sets)."""
+    from koopman_control.params import load_parameters
+
+    cfg = Path(root) / "config" / KINOVA_FILE
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{cfg} not found (the real robot's limits and rates)")
+    params = load_parameters(cfg, "kortex_bridge")
+    return {k: params[k] for k in COMMAND_CHECK_KEYS if k in params}
 
 
 def bridge_spec(robot: str, root: str | Path, robot_ip: str | None = None) -> tuple[tuple[Path, ...], dict[str, Any]]:

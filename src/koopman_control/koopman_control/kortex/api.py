@@ -22,7 +22,9 @@ INSTALL_HINT = (
     "    pip install 'protobuf==3.20.3' 'deprecated>=1.2.7'\n"
     f"    pip install {KORTEX_WHEEL} --no-deps\n"
     "Its generated *_pb2 modules need protobuf 3.20.x (protobuf >= 4 fails with 'Descriptors cannot be "
-    "created directly'). Without an arm, run the bridge with backend:=standin."
+    "created directly'). Without an arm, start the stack against the MuJoCo stand-in of the arm: "
+    "`ros2 launch koopman_control kinova.launch.py robot:=kortex-standin` or "
+    "`koopman-control bringup --robot kortex-standin`."
 )
 
 

@@ -9,10 +9,11 @@ Control modes
     level on exit (also on errors, shutdown and Ctrl-C).
 
 Every command goes through :class:`~koopman_control.kortex.limits.CommandShaper` (velocity, acceleration and
-position limits; non-finite -> stop). Chunks go through the stack's :class:`ChunkExecutor` (shape, NaN,
-timing, clamping into the position limits) plus one check of our own: the chunk must start near where the
-arm is. Watchdog: no accepted chunk for ``watchdog_timeout`` -> zero speeds and ``Stop`` (speed mode) or
-hold the measured position (cyclic mode), until a fresh chunk arrives.
+position limits; non-finite -> stop). Chunks go through the stack's :class:`ChunkExecutor` with the arm's
+:class:`~koopman_control.core.chunk.CommandChecks` (shape, NaN, timing, position limits, age, episode, and
+a start near where the arm is), the same checks the sim node applies. Watchdog: no accepted chunk for
+``watchdog_timeout`` -> zero speeds and ``Stop`` (speed mode) or hold the measured position (cyclic mode),
+until a fresh chunk arrives; the hold command (a chunk without points) does the same at once.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from koopman_control.core.chunk import ActionChunk, ChunkExecutor, ExecState
+from koopman_control.core.chunk import ActionChunk, ChunkExecutor, CommandChecks, ExecState
 from koopman_control.core.observation import NS
 from koopman_control.core.realtime import PeriodicLoop
 from koopman_control.core.stats import SampleStats
@@ -57,6 +58,7 @@ class BridgeConfig:
     position_gain: float = 4.0  # 1/s, speed mode correction towards the chunk
     interpolation: str = "linear"
     max_start_deviation: float = 0.35  # rad: a chunk must start this close to the measured position
+    max_chunk_age: float = 0.1  # s: a chunk must answer an observation at most this old
     home_q: tuple[float, ...] = ()
     home_timeout: float = 30.0
     home_tolerance: float = 0.01  # rad
@@ -66,7 +68,7 @@ class BridgeConfig:
         if self.control_mode not in CONTROL_MODES:
             raise ValueError(f"control_mode must be one of {', '.join(CONTROL_MODES)}, got {self.control_mode!r}")
         for name in ("feedback_rate", "command_rate", "cyclic_rate", "watchdog_timeout", "feedback_timeout",
-                     "position_gain", "max_start_deviation", "home_timeout", "home_tolerance"):
+                     "position_gain", "max_start_deviation", "max_chunk_age", "home_timeout", "home_tolerance"):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and np.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a positive number, got {v!r}")
@@ -82,7 +84,6 @@ class BridgeCounters:
     feedback_stale: int = 0  # times feedback went older than feedback_timeout (arm stopped meanwhile)
     command_errors: int = 0
     watchdog_stops: int = 0
-    chunks_refused_start: int = 0
     faults: int = 0
     last_error: str = ""
     errors: list[str] = field(default_factory=list)
@@ -107,7 +108,10 @@ class KortexBridge:
         self.cfg = config
         self.on_feedback = on_feedback
         self.clock = clock
-        self.executor = ChunkExecutor(limits.lower, limits.upper, config.watchdog_timeout, config.interpolation)
+        self.executor = ChunkExecutor(CommandChecks(
+            limits.lower, limits.upper, watchdog_timeout=config.watchdog_timeout,
+            max_start_deviation=config.max_start_deviation, max_chunk_age=config.max_chunk_age,
+            interpolation=config.interpolation))
         self.shaper = CommandShaper(limits)
         self.counters = BridgeCounters()
         self.state = BridgeState.STARTING
@@ -356,24 +360,26 @@ class KortexBridge:
 
     # -- chunks -------------------------------------------------------------------------------------------------
     def submit(self, chunk: ActionChunk, now_ns: int) -> tuple[bool, str]:
-        """Validate and take a chunk; refused while not running or when it starts far from the arm."""
+        """Validate and take a chunk (:class:`CommandChecks`); refused while not running or without feedback."""
         with self.lock:
             if self.state is not BridgeState.RUNNING:
                 return self.executor.reject(f"not running: bridge is {self.state.value}")
-            s = self.latest
-            pos = chunk.positions
-            if s is not None and pos.ndim == 2 and pos.shape[1] == 7 and np.isfinite(pos).all() and len(pos):
-                start = np.clip(self.executor.sample(chunk, now_ns), self.limits.lower, self.limits.upper)
-                dev = float(np.max(np.abs(start - s.q)))
-                if dev > self.cfg.max_start_deviation:
-                    self.counters.chunks_refused_start += 1
-                    return self.executor.reject(
-                        f"too far: chunk starts {dev:.3f} rad from the measured position "
-                        f"(limit {self.cfg.max_start_deviation} rad)")
-            ok, reason = self.executor.submit(chunk, now_ns)
+            if self.latest is None:
+                return self.executor.reject("not running: no arm feedback yet")
+            ok, reason = self.executor.submit(chunk, now_ns, self.latest.q)
             if ok:
                 self._last_chunk_ns = int(now_ns)
             return ok, reason
+
+    def hold(self, now_ns: int, command: bool = True) -> None:
+        """Stop where the arm is, now (as the watchdog would, without waiting for it): the hold command, or the
+        task's own hold between episodes (``command`` False, not counted as a command)."""
+        with self.lock:
+            if self.state is not BridgeState.RUNNING or self.latest is None:
+                return
+            self.executor.hold(now_ns, self.latest.q, command)
+            if self._cmd_loop is not None:  # speed mode; the cyclic loop holds the executor's pose by itself
+                self._send_stop(now_ns)
 
     # -- services -----------------------------------------------------------------------------------------------
     def emergency_stop(self) -> str:
@@ -444,9 +450,10 @@ class KortexBridge:
                 self._start_loops()
         return "home pose reached" if wait else "moving home"
 
-    def reseed(self) -> None:
+    def reseed(self, episode: int | None = None) -> None:
         """The arm was moved outside this bridge (the stand-in's scene reset): re-read the feedback, forget the
-        plan, refuse older chunks, and restart low-level commands from the measured position."""
+        plan, refuse older chunks (and, given ``episode``, chunks of other episodes), and restart low-level
+        commands from the measured position."""
         with self.lock:
             if self.state in (BridgeState.CLOSED, BridgeState.HOMING):
                 return
@@ -455,7 +462,7 @@ class KortexBridge:
             except (KortexError, ValueError) as err:
                 self._error("feedback", err)
                 return
-            self.executor.reset(self.clock(), s.q)
+            self.executor.reset(self.clock(), s.q, episode)
             self.shaper.reset()
             if self._cmd_pos is not None:
                 self._cmd_pos = s.q.copy()
@@ -496,7 +503,8 @@ class KortexBridge:
         return {
             "state": self.state.value, "fault": self.fault_reason, "control_mode": self.cfg.control_mode,
             "executor": ex.state.value, "chunks_accepted": ex.counters.accepted,
-            "chunks_rejected": ex.counters.rejected, "chunks_clamped": ex.counters.clamped,
+            "chunks_rejected": ex.counters.rejected, "holds": ex.counters.holds,
+            "refused_by_cause": dict(ex.counters.reject_reasons),
             "last_reject": ex.counters.last_reject_reason, "watchdog_stops": self.counters.watchdog_stops,
             "feedback_errors": self.counters.feedback_errors,
             "feedback_stale": self.counters.feedback_stale, "command_errors": self.counters.command_errors,

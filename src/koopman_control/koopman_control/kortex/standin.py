@@ -209,6 +209,7 @@ class StandinRobot:
         self.dropped_sessions = 0
         self.episode = 0
         self.results: list[dict[str, Any]] = []
+        self.scoring = False  # the task is scored from start_scoring() (the controller's first command) on
         self._scored = False
         self.loop = PeriodicLoop(physics_rate_hz, self._step, name="kortex-standin")
 
@@ -233,9 +234,17 @@ class StandinRobot:
                 self.task.reset(np.random.default_rng(s))
                 self.task.update()
             self._scored = False
+            self.scoring = False
             return {"episode": self.episode, "seed": s,
                     "target": None if self.task is None else self.task.target.tolist(),
                     "pillar": None if self.task is None else self.task.pillar.tolist()}
+
+    def start_scoring(self) -> None:
+        """The controller took over: the task's clock starts now (see koopman_control.core.episodes)."""
+        with self.lock:
+            if self.task is not None and not self.scoring:
+                self.task.restart_clock()
+                self.scoring = True
 
     # -- physics --------------------------------------------------------------------------------------------------
     def _step(self, skipped: int) -> None:
@@ -255,7 +264,7 @@ class StandinRobot:
                     v = np.clip(self.speeds, -self.vmax, self.vmax)
                     arm.set_target(np.clip(arm.target + v * self.dt, self.lower, self.upper))
                 arm.step(1)
-                if self.task is not None and not self._scored:
+                if self.task is not None and self.scoring and not self._scored:
                     self.task.update()
                     if self.task.done:
                         self._scored = True

@@ -14,8 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 from sensor_msgs.msg import Image
-from std_msgs.msg import UInt32
+from std_msgs.msg import Header
 
+from koopman_control import topics
+from koopman_control.core.episodes import episode_label, parse_episode
 from koopman_control.core.image import ImageNormalizer, ImageObservationBuilder, decode
 from koopman_control.core.observation import InputStatus
 from koopman_control.ros import convert, qos
@@ -46,10 +48,9 @@ class CameraIngestNode(KoopmanNode):
                                                    history_spacing_s=p["history_period"] or None)
         except (ValueError, TypeError) as err:
             raise ParameterError(f"camera_ingest: {err}") from None
-        self.pub = self.create_publisher(Image, "/policy/image_observation", qos.CONTROL)
-        self.create_subscription(UInt32, "/task/episode", lambda m: self.builder.set_episode(int(m.data)),
-                                 qos.LATCHED)
-        self.create_subscription(Image, "/camera/image_raw", self._on_image, qos.SENSOR_SUB)
+        self.pub = self.create_publisher(Image, topics.IMAGE_OBSERVATION, qos.CONTROL)
+        self.create_subscription(Header, topics.EPISODE, self._on_episode, qos.LATCHED)
+        self.create_subscription(Image, topics.CAMERA, self._on_image, qos.SENSOR_SUB)
         self.create_timer(1.0 / p["policy_rate"], self._tick)
         self._last_status = InputStatus.WAITING
         self.start_diagnostics()
@@ -60,6 +61,11 @@ class CameraIngestNode(KoopmanNode):
 
             return list(self.declare_parameter(name, default, ParameterDescriptor(description=description)).value)
         return super().declare(name, default, description, read_only=read_only)
+
+    def _on_episode(self, msg: Header) -> None:
+        episode = parse_episode(msg.frame_id)
+        if episode is not None:
+            self.builder.announce_episode(episode, convert.from_time(msg.stamp))
 
     def _on_image(self, msg: Image) -> None:
         stamp = convert.from_time(msg.header.stamp)
@@ -73,7 +79,7 @@ class CameraIngestNode(KoopmanNode):
     def _tick(self) -> None:
         obs = self.builder.tick(self.get_clock().now().nanoseconds)
         if obs is not None:
-            self.pub.publish(convert.float_image_msg(obs.stamp_ns, obs.history, f"episode_{obs.episode}"))
+            self.pub.publish(convert.float_image_msg(obs.stamp_ns, obs.history, episode_label(obs.episode)))
         st = self.builder.status
         if st is not self._last_status and st in (InputStatus.STALE, InputStatus.INVALID):
             self.get_logger().error(f"image observations stopped: {self.builder.reason}")

@@ -1,11 +1,14 @@
 """MuJoCo Gen3 reach-obstacle task as a robot on ROS topics.
 
-Publishes ``/joint_states`` at the feedback rate from a real-time thread, the task's target and pillar
-(latched ``geometry_msgs/PointStamped``), the episode id (latched ``std_msgs/UInt32``, published after the
-target so a subscriber created first sees them in order), episode results (``std_msgs/String``, JSON) and,
-when enabled, camera frames rendered offscreen on their own thread. Executes ``/policy/action_chunk``
-(``trajectory_msgs/JointTrajectory``) through :class:`ChunkExecutor`: clamped to the joint limits, held
-still after ``command_timeout``. The Kinova bridge offers the same topics, so the two are interchangeable.
+Publishes ``/joint_states`` at the feedback rate from a real-time thread; episode announcements (latched
+``std_msgs/Header``: ``stamp`` = the episode's start, ``frame_id`` = ``episode_<id>``, published one
+``reset_delay`` ahead, see :mod:`koopman_control.core.episodes`); the task's target and pillar (latched
+``geometry_msgs/PointStamped`` stamped with the episode's start); episode results (``std_msgs/String``,
+JSON) and, when enabled, camera frames rendered offscreen on their own thread. Executes
+``/policy/action_chunk`` (``trajectory_msgs/JointTrajectory``) after the arm's own command checks
+(:class:`~koopman_control.core.chunk.CommandChecks`, the bridge's values from ``config/kinova.yaml``): what
+the sim accepts is what the arm would. A trajectory without points holds the arm where it is. The Kinova
+bridge offers the same topics, so the two are interchangeable.
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ from typing import Any
 
 from geometry_msgs.msg import PointStamped
 from sensor_msgs.msg import Image, JointState
-from std_msgs.msg import String, UInt32
+from std_msgs.msg import Header, String
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
+from koopman_control import topics
+from koopman_control.core.chunk import CommandChecks
+from koopman_control.core.episodes import Announcement, episode_label
 from koopman_control.core.realtime import PeriodicLoop
-from koopman_control.core.sim_driver import EpisodeStart, SimDriver
+from koopman_control.core.sim_driver import EpisodeStart, SimDriver, result_line
 from koopman_control.ros import convert, qos
 from koopman_control.ros.base import ERROR, OK, WARN, KoopmanNode, ParameterError, run_node
 
@@ -32,14 +38,23 @@ NAME = "sim"
 class SimNode(KoopmanNode):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(NAME, **kwargs)
+        from koopman_sim import gen3
+
         p = {
             "feedback_rate": self.declare("feedback_rate", 500.0, "joint_states rate (Hz), up to 1000"),
             "physics_dt": self.declare("physics_dt", 0.002, "MuJoCo step (s); never coarser than 1/feedback_rate"),
-            "time_limit": self.declare("time_limit", 8.0, "episode time limit (s)"),
+            "time_limit": self.declare("time_limit", 8.0, "episode time limit (s), from the first accepted chunk"),
             "seed": self.declare("seed", 0, "base seed of the episode sampler"),
             "auto_reset": self.declare("auto_reset", True, "start a new episode after success/collision/timeout"),
-            "command_timeout": self.declare("command_timeout", 0.3, "hold the arm still after this long without "
-                                                                    "a chunk (s)"),
+            "reset_delay": self.declare("reset_delay", 0.1, "an episode is announced this long before the arm is "
+                                                            "reset to it (s)"),
+            "start_timeout": self.declare("start_timeout", 30.0, "an episode without an accepted chunk this long "
+                                                                 "after its reset ends unscored (s)"),
+            "watchdog_timeout": self.declare("watchdog_timeout", 0.15, "hold the arm still after this long "
+                                                                       "without an accepted chunk (s)"),
+            "max_start_deviation": self.declare("max_start_deviation", 0.35, "refuse chunks starting farther "
+                                                                             "from the arm (rad)"),
+            "max_chunk_age": self.declare("max_chunk_age", 0.1, "refuse chunks answering older observations (s)"),
             "interpolation": self.declare("interpolation", "zoh", "chunk interpolation: zoh | linear"),
             "model_path": self.declare("model_path", "", "MJCF of the arm ('' = bundled gen3.xml)"),
             "publish_camera": self.declare("publish_camera", False, "render and publish camera frames"),
@@ -50,31 +65,36 @@ class SimNode(KoopmanNode):
             "frame_id": self.declare("frame_id", "base_link", "frame of the target/pillar points"),
             "realtime_priority": self.declare("realtime_priority", 0, "SCHED_FIFO priority of the physics and "
                                                                       "executor threads (0 = normal)"),
+            "position_lower": self.declare_array("position_lower", list(gen3.JOINT_LOWER), "joint position limits "
+                                                 "(rad), as the arm's"),
+            "position_upper": self.declare_array("position_upper", list(gen3.JOINT_UPPER), "joint position limits "
+                                                 "(rad), as the arm's"),
         }
         self.realtime_priority = p["realtime_priority"]
         if not 0 < p["feedback_rate"] <= 1000:
             raise ParameterError(f"feedback_rate must be in (0, 1000] Hz, got {p['feedback_rate']}")
         self.p = p
         try:
+            checks = CommandChecks(p["position_lower"], p["position_upper"], watchdog_timeout=p["watchdog_timeout"],
+                                   max_start_deviation=p["max_start_deviation"],
+                                   max_chunk_age=p["max_chunk_age"], interpolation=p["interpolation"])
             self.driver = SimDriver(
-                feedback_rate_hz=p["feedback_rate"], physics_dt=p["physics_dt"], time_limit=p["time_limit"],
-                seed=p["seed"], auto_reset=p["auto_reset"], command_timeout_s=p["command_timeout"],
-                interpolation=p["interpolation"], model_path=p["model_path"] or None)
+                checks, feedback_rate_hz=p["feedback_rate"], physics_dt=p["physics_dt"],
+                time_limit=p["time_limit"], seed=p["seed"], auto_reset=p["auto_reset"],
+                reset_delay_s=p["reset_delay"], start_timeout_s=p["start_timeout"], model_path=p["model_path"] or None)
         except (ValueError, FileNotFoundError) as err:
             raise ParameterError(str(err)) from None
         self.joint_names = list(self.driver.joint_names)
-        self.js_pub = self.create_publisher(JointState, "/joint_states", qos.SENSOR_PUB)
-        self.target_pub = self.create_publisher(PointStamped, "/task/target", qos.LATCHED)
-        self.pillar_pub = self.create_publisher(PointStamped, "/task/pillar", qos.LATCHED)
-        self.episode_pub = self.create_publisher(UInt32, "/task/episode", qos.LATCHED)
-        self.result_pub = self.create_publisher(String, "/task/episode_result", qos.EVENTS)
-        self.image_pub = self.create_publisher(Image, "/camera/image_raw", qos.SENSOR_PUB) \
+        self.js_pub = self.create_publisher(JointState, topics.JOINT_STATES, qos.SENSOR_PUB)
+        self.target_pub = self.create_publisher(PointStamped, topics.TARGET, qos.LATCHED)
+        self.pillar_pub = self.create_publisher(PointStamped, topics.PILLAR, qos.LATCHED)
+        self.episode_pub = self.create_publisher(Header, topics.EPISODE, qos.LATCHED)
+        self.result_pub = self.create_publisher(String, topics.EPISODE_RESULT, qos.EVENTS)
+        self.image_pub = self.create_publisher(Image, topics.CAMERA, qos.SENSOR_PUB) \
             if p["publish_camera"] else None
-        self.create_subscription(JointTrajectory, "/policy/action_chunk", self._on_chunk, qos.CONTROL)
+        self.create_subscription(JointTrajectory, topics.ACTION_CHUNK, self._on_chunk, qos.CONTROL)
         self.create_service(Trigger, "~/reset_episode", self._on_reset)
         self.add_on_set_parameters_callback(self._on_params)
-        self.chunk_errors = 0
-        self.last_chunk_error = ""
         self.loop = PeriodicLoop(p["feedback_rate"], self._cycle, name="sim-physics",
                                  priority=p["realtime_priority"])
         self._camera_stop = threading.Event()
@@ -85,10 +105,11 @@ class SimNode(KoopmanNode):
 
     def start(self) -> None:
         """Physics (and camera) threads start once the whole stack exists, so that no sample is published
-        into nodes still being built (they would arrive stale)."""
+        into nodes still being built (they would arrive stale). The first episode is announced at once and
+        scored from its first accepted chunk, however long the other nodes take to come up."""
         if self.loop.running:
             return
-        self._announce(self.driver.reset_episode(self._now()))
+        self._announce(self.driver.schedule_reset(self._now()))
         self.loop.start()
         time.sleep(0.01)
         if self.loop.priority_problem:
@@ -103,26 +124,37 @@ class SimNode(KoopmanNode):
     # -- real-time loop --------------------------------------------------------------------------------------
     def _cycle(self, skipped: int) -> None:
         now = self._now()
-        st = self.driver.step(now, skipped)
+        st = self.driver.sample(now)
+        if st.started is not None:  # before the sample: the task inputs of the episode this sample begins
+            self._publish_task(st.started)
         self.js_pub.publish(convert.joint_state(st.stamp_ns, self.joint_names, st.q, st.qd))
-        if st.result is not None:
-            self.result_pub.publish(String(data=json.dumps(st.result)))
-        if st.started is not None:
-            self._announce(st.started)
+        result, announced = self.driver.advance(now, skipped)
+        if result is not None:
+            self.result_pub.publish(String(data=json.dumps(result)))
+            self.get_logger().info(result_line(result))
+        if announced is not None:
+            self._announce(announced)
 
-    def _announce(self, ep: EpisodeStart) -> None:
-        """Target and pillar first, then the episode id: the ingest's subscriptions see them in that order."""
+    def _announce(self, ann: Announcement) -> None:
+        msg = Header(frame_id=episode_label(ann.episode))
+        msg.stamp = convert.to_time(ann.start_ns)
+        self.episode_pub.publish(msg)
+
+    def _publish_task(self, ep: EpisodeStart) -> None:
+        """Target and pillar, stamped with the episode's start: the ingest takes them for this episode only."""
         for pub, xyz in ((self.target_pub, ep.target), (self.pillar_pub, ep.pillar)):
             msg = PointStamped()
             msg.header.stamp = convert.to_time(ep.stamp_ns)
             msg.header.frame_id = self.p["frame_id"]
             msg.point.x, msg.point.y, msg.point.z = (float(v) for v in xyz)
             pub.publish(msg)
-        self.episode_pub.publish(UInt32(data=ep.episode))
 
     # -- commands --------------------------------------------------------------------------------------------
     def _on_chunk(self, msg: JointTrajectory) -> None:
         now = self._now()
+        if not msg.points:
+            self.driver.hold(now)
+            return
         try:
             chunk = convert.chunk_from_msg(msg, self.joint_names)
         except ValueError as err:
@@ -130,16 +162,16 @@ class SimNode(KoopmanNode):
         else:
             ok, reason = self.driver.submit(chunk, now)
         if not ok:
-            self.chunk_errors += 1
-            self.last_chunk_error = reason
-            self.get_logger().warning(f"action chunk refused: {reason}", throttle_duration_sec=2.0)
+            cause = reason.split(":")[0]
+            # Chunks still in flight when an episode ends are refused by design: counted, not warned about.
+            self.fault(f"chunk {cause}", f"action chunk refused: {reason}",
+                       "debug" if cause == "outdated" else "warning")
 
     def _on_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        ep = self.driver.reset_episode(self._now())
-        self._announce(ep)
+        ann = self.driver.schedule_reset(self._now())
+        self._announce(ann)
         response.success = True
-        response.message = json.dumps({"episode": ep.episode, "seed": ep.seed, "target": ep.target.tolist(),
-                                       "pillar": ep.pillar.tolist()})
+        response.message = json.dumps({"episode": ann.episode, "seed": ann.seed, "start_ns": ann.start_ns})
         return response
 
     def _on_params(self, params: list) -> Any:
@@ -147,9 +179,9 @@ class SimNode(KoopmanNode):
 
         for prm in params:
             if prm.name == "auto_reset":
-                self.driver.auto_reset = self.coerce(prm)
+                self.driver.sequencer.auto_reset = self.coerce(prm)
             elif prm.name == "seed":
-                self.driver.seed = self.coerce(prm)
+                self.driver.sequencer.seed = self.coerce(prm)
             elif prm.name in self._defaults:
                 return SetParametersResult(successful=False, reason=f"{prm.name} is fixed at start-up")
         return SetParametersResult(successful=True)
@@ -196,11 +228,12 @@ class SimNode(KoopmanNode):
         self.loop.overruns = self.loop.skipped = 0
         with self.driver.lock:
             self.driver.results.clear()
+        super().reset_stats()
 
     def metrics(self) -> dict[str, Any]:
         rate = self.loop.rate.summary()
         out = {"feedback": {**rate, "overruns": self.loop.overruns, "skipped_cycles": self.loop.skipped},
-               **self.driver.summary(), "chunk_errors": self.chunk_errors}
+               **self.driver.summary(), **super().metrics()}
         if self.camera_rate_meter is not None:
             out["camera"] = self.camera_rate_meter.summary()
         return out
@@ -216,10 +249,11 @@ class SimNode(KoopmanNode):
         ex = self.driver.executor
         return [("", level, msg, {
             "feedback_rate_hz": fb["rate_hz"], "jitter_ms": fb["jitter_ms"], "late_p99_ms": fb["late_p99_ms"],
-            "overruns": self.loop.overruns, "episode": self.driver.episode, "episodes_done": s["episodes"],
+            "overruns": self.loop.overruns, "episode": self.driver.episode,
+            "episode_phase": self.driver.sequencer.phase.value, "episodes_done": s["episodes"],
             "success_rate": s["success_rate"], "executor": ex.state.value,
             "chunks_accepted": ex.counters.accepted, "chunks_rejected": ex.counters.rejected,
-            "chunks_clamped": ex.counters.clamped, "command_timeouts": ex.counters.timeouts,
+            "holds": ex.counters.holds, "watchdog_stops": ex.counters.timeouts,
             "last_reject": ex.counters.last_reject_reason})]
 
     def close(self) -> None:

@@ -3,20 +3,26 @@
 Observations are emitted when a joint-state sample crosses a policy tick (see
 :mod:`koopman_control.core.observation`), as ``trajectory_msgs/JointTrajectory``: ``joint_names`` are the
 observation names, one point per history step (oldest first), ``time_from_start`` = step stamp minus
-``header.stamp`` (<= 0), ``header.stamp`` = measurement time of the newest step. NaN, stale, out-of-order or
-incomplete input stops the flow; the reason is on ``/diagnostics`` and in the log.
+``header.stamp`` (<= 0), ``header.stamp`` = measurement time of the newest step, ``header.frame_id`` =
+``episode_<id>``. NaN, stale, out-of-order, implausible or incomplete input stops the flow; the reason is on
+``/diagnostics`` and in the log (once per cause, then at most once a second with a count), and an observation
+without points goes out once, so that the policy node commands a hold at once rather than after the arm's
+watchdog. Episodes follow ``/task/episode`` announcements (:mod:`koopman_control.core.episodes`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from geometry_msgs.msg import PointStamped
 from sensor_msgs.msg import JointState
-from std_msgs.msg import UInt32
+from std_msgs.msg import Header
 from trajectory_msgs.msg import JointTrajectory
 
-from koopman_control.core.observation import InputStatus, StateObservationBuilder
+from koopman_control import topics
+from koopman_control.core.episodes import episode_label, parse_episode
+from koopman_control.core.observation import InputStatus, JointBounds, StateObservationBuilder
 from koopman_control.core.stats import SampleStats
 from koopman_control.ros import convert, qos
 from koopman_control.ros.base import ERROR, OK, WARN, KoopmanNode, ParameterError, run_node
@@ -33,7 +39,7 @@ def task_obs_names(joint_names: list[str]) -> list[str]:
 class StateIngestNode(KoopmanNode):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(NAME, **kwargs)
-        from koopman_sim.gen3 import JOINT_NAMES
+        from koopman_sim import gen3
 
         p = {
             "policy_rate": self.declare("policy_rate", 10.0, "observation rate (Hz) = the policy's control rate"),
@@ -41,29 +47,44 @@ class StateIngestNode(KoopmanNode):
             "history_period": self.declare("history_period", 0.0, "time between history steps (s): the policies' "
                                                                   "control period; 0 = one policy period"),
             "max_state_age": self.declare("max_state_age", 0.05, "joint states older than this are stale (s)"),
-            "joint_names": self.declare("joint_names", list(JOINT_NAMES), "joints, in observation order"),
+            "joint_names": self.declare("joint_names", list(gen3.JOINT_NAMES), "joints, in observation order"),
             "use_task": self.declare("use_task", True, "append the task target and pillar (20-d task obs)"),
             "watchdog_rate": self.declare("watchdog_rate", 50.0, "staleness check rate (Hz)"),
             "realtime_priority": self.declare("realtime_priority", 0, "SCHED_FIFO priority of the executor "
                                                                       "thread (0 = normal)"),
+            "position_lower": self.declare_array("position_lower", list(gen3.JOINT_LOWER), "joint limits (rad): "
+                                                 "samples beyond them by position_margin are refused"),
+            "position_upper": self.declare_array("position_upper", list(gen3.JOINT_UPPER), "joint limits (rad)"),
+            "velocity_limits": self.declare_array("velocity_limits", list(gen3.VELOCITY_LIMITS),
+                                                  "rated joint speeds (rad/s)"),
+            "position_margin": self.declare("position_margin", 0.1, "tolerance beyond the joint limits (rad)"),
+            "speed_factor": self.declare("speed_factor", 3.0, "samples faster than this many times the rated speed "
+                                                              "(or jumping as far) are refused"),
+            "step_tolerance": self.declare("step_tolerance", 0.05, "a step between samples may exceed what that "
+                                                                   "speed covers by this much (rad): stamp jitter"),
         }
         self.realtime_priority = p["realtime_priority"]
         self.p = p
         try:
+            bounds = JointBounds(np.array(p["position_lower"]), np.array(p["position_upper"]),
+                                 np.array(p["velocity_limits"]), p["position_margin"], p["speed_factor"],
+                                 p["step_tolerance"])
             self.builder = StateObservationBuilder(p["joint_names"], p["n_obs_steps"], p["policy_rate"],
-                                                   p["max_state_age"], use_task=p["use_task"],
-                                                   history_spacing_s=p["history_period"] or None)
+                                                   p["max_state_age"],
+                                                   task_inputs={"target": 3, "pillar": 3} if p["use_task"] else {},
+                                                   history_spacing_s=p["history_period"] or None, bounds=bounds)
         except ValueError as err:
             raise ParameterError(str(err)) from None
         names = task_obs_names(p["joint_names"])
         self.obs_names = names if p["use_task"] else names[: 2 * len(p["joint_names"])]
-        self.obs_pub = self.create_publisher(JointTrajectory, "/policy/observation", qos.CONTROL)
-        # Task and episode subscriptions are created before /joint_states: when both are ready in one wait,
-        # the executor serves them first, so a reset is seen before the first sample of the new episode.
-        self.create_subscription(PointStamped, "/task/target", self._on_target, qos.LATCHED)
-        self.create_subscription(PointStamped, "/task/pillar", self._on_pillar, qos.LATCHED)
-        self.create_subscription(UInt32, "/task/episode", self._on_episode, qos.LATCHED)
-        self.create_subscription(JointState, "/joint_states", self._on_joint_state, qos.SENSOR_SUB)
+        self.obs_pub = self.create_publisher(JointTrajectory, topics.OBSERVATION, qos.CONTROL)
+        # Episode and task subscriptions are created before /joint_states: when several are ready in one
+        # wait, the executor serves them first. (Correctness does not depend on it: samples and task inputs
+        # are assigned to episodes by their stamps.)
+        self.create_subscription(Header, topics.EPISODE, self._on_episode, qos.LATCHED)
+        self.create_subscription(PointStamped, topics.TARGET, lambda m: self._on_point("target", m), qos.LATCHED)
+        self.create_subscription(PointStamped, topics.PILLAR, lambda m: self._on_point("pillar", m), qos.LATCHED)
+        self.create_subscription(JointState, topics.JOINT_STATES, self._on_joint_state, qos.SENSOR_SUB)
         self.create_timer(1.0 / p["watchdog_rate"], self._watchdog)
         self._last_reported = InputStatus.WAITING
         self.sample_age = SampleStats()  # ms, tick sample's stamp -> received here (the sensor's hop)
@@ -76,21 +97,26 @@ class StateIngestNode(KoopmanNode):
     def _now(self) -> int:
         return self.get_clock().now().nanoseconds
 
-    def _on_target(self, msg: PointStamped) -> None:
-        self.builder.set_task(target=(msg.point.x, msg.point.y, msg.point.z))
+    def _on_point(self, name: str, msg: PointStamped) -> None:
+        if not self.builder.task_dims:
+            return
+        self.builder.set_task(name, convert.from_time(msg.header.stamp), (msg.point.x, msg.point.y, msg.point.z))
+        self._report()
 
-    def _on_pillar(self, msg: PointStamped) -> None:
-        self.builder.set_task(pillar=(msg.point.x, msg.point.y, msg.point.z))
-
-    def _on_episode(self, msg: UInt32) -> None:
-        self.builder.set_episode(int(msg.data))
+    def _on_episode(self, msg: Header) -> None:
+        episode = parse_episode(msg.frame_id)
+        if episode is None:
+            self.fault("bad episode", f"episode announcement ignored: frame_id {msg.frame_id!r} is not "
+                                      "episode_<id>")
+            return
+        self.builder.announce_episode(episode, convert.from_time(msg.stamp))
 
     def _on_joint_state(self, msg: JointState) -> None:
         now = self._now()
         obs = self.builder.on_joint_state(msg.name, msg.position, msg.velocity, convert.from_time(msg.header.stamp),
                                           now)
         if obs is not None:
-            self.obs_pub.publish(convert.observation_msg(obs, self.obs_names, frame_id=f"episode_{obs.episode}"))
+            self.obs_pub.publish(convert.observation_msg(obs, self.obs_names, frame_id=episode_label(obs.episode)))
             self.sample_age.add((now - obs.stamp_ns) / 1e6)
             self.publish_delay.add((self._now() - obs.stamp_ns) / 1e6)
         self._report()
@@ -100,23 +126,30 @@ class StateIngestNode(KoopmanNode):
         self._report()
 
     def _report(self) -> None:
-        st = self.builder.status
-        if st is not self._last_reported:
-            if st in (InputStatus.STALE, InputStatus.INVALID):
-                self.get_logger().error(f"observations stopped: {self.builder.reason}")
-            elif st is InputStatus.OK and self._last_reported in (InputStatus.STALE, InputStatus.INVALID):
-                self.get_logger().info("inputs healthy again; observations resume once the history is refilled")
-            self._last_reported = st
+        b = self.builder
+        for cause, reason in b.take_events():
+            self.fault(cause, f"observations stopped: {reason}", "error")
+        st = b.status
+        if st in (InputStatus.STALE, InputStatus.INVALID):
+            if self._last_reported not in (InputStatus.STALE, InputStatus.INVALID):
+                # The flow stops: say so downstream at once, so the arm holds now, not after its watchdog.
+                self.obs_pub.publish(convert.stop_observation_msg(self._now(), self.obs_names,
+                                                                  episode_label(b.episode)))
+        elif st is InputStatus.OK and self._last_reported in (InputStatus.STALE, InputStatus.INVALID):
+            self.get_logger().info("inputs healthy again; observations resume once the history is refilled")
+        self._last_reported = st
 
     def metrics(self) -> dict[str, Any]:
         b = self.builder
-        return {"emitted": b.emitted, "faults": b.faults, "missed_ticks": b.missed_ticks, "dropped": b.dropped,
-                "history_gaps": b.history.gaps, "status": b.status.value, "reason": b.reason,
-                "sample_age_ms": self.sample_age.summary(), "publish_delay_ms": self.publish_delay.summary()}
+        return {"emitted": b.emitted, "input_faults": b.faults, "missed_ticks": b.missed_ticks,
+                "dropped": b.dropped, "history_gaps": b.history.gaps, "episode_starts": b.episode_starts,
+                "status": b.status.value, "reason": b.reason, "sample_age_ms": self.sample_age.summary(),
+                "publish_delay_ms": self.publish_delay.summary(), **super().metrics()}
 
     def reset_stats(self) -> None:
         self.sample_age.reset()
         self.publish_delay.reset()
+        super().reset_stats()
 
     def diagnostics(self) -> list[tuple[str, int, str, dict[str, Any]]]:
         b = self.builder

@@ -6,7 +6,8 @@ that exists). ``standby: on_demand`` computes only while the policy node is in `
 failed on, so the takeover costs one teacher call plus two hops, well inside one 10 Hz period, and the
 teacher takes no CPU from the student while it is healthy. ``standby: hot`` answers every observation (a
 chunk is then already waiting when the student fails, at the price of a teacher call per tick).
-Chunks use the same stamp, timing and per-episode noise as the policy node's.
+Chunks use the same stamp, timing, episode label and noise as the policy node's; the policy node adopts one
+only for an observation of the current episode (see :mod:`koopman_control.nodes.policy_node`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from rcl_interfaces.msg import SetParametersResult
 from std_msgs.msg import String
 from trajectory_msgs.msg import JointTrajectory
 
+from koopman_control import topics
 from koopman_control.core.chunk import published_points
+from koopman_control.core.episodes import episode_label, parse_episode
 from koopman_control.core.policy_runner import PolicyLoadError, PolicyRunner
 from koopman_control.core.stats import SampleStats
 from koopman_control.core.supervisor import Mode
-from koopman_control.nodes.policy_node import episode_of, load_runner
+from koopman_control.nodes.policy_node import load_runner
 from koopman_control.ros import convert, qos
 from koopman_control.ros.base import ERROR, OK, KoopmanNode, run_node
 
@@ -61,9 +64,9 @@ class TeacherNode(KoopmanNode):
         self.served = 0
         self.failures = 0
         self.last_failure = ""
-        self.pub = self.create_publisher(JointTrajectory, "/teacher/action_chunk", qos.CONTROL)
-        self.create_subscription(String, "/policy/mode", self._on_mode, qos.LATCHED)
-        self.create_subscription(JointTrajectory, "/policy/observation", self._on_observation, qos.CONTROL)
+        self.pub = self.create_publisher(JointTrajectory, topics.TEACHER_CHUNK, qos.TEACHER)
+        self.create_subscription(String, topics.MODE, self._on_mode, qos.LATCHED)
+        self.create_subscription(JointTrajectory, topics.OBSERVATION, self._on_observation, qos.CONTROL)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.start_diagnostics()
 
@@ -79,11 +82,15 @@ class TeacherNode(KoopmanNode):
             self._serve(*self._last_obs)
 
     def _on_observation(self, msg: JointTrajectory) -> None:
+        if not msg.points:  # the ingest stopped: nothing current to answer
+            self._last_obs = None
+            return
         try:
             stamp, hist, names, _ = convert.observation_from_msg(msg)
-        except ValueError:
+        except ValueError as err:
+            self.fault("malformed observation", f"malformed observation ignored: {err}", "error")
             return
-        self._last_obs = (stamp, hist, names, episode_of(msg.header.frame_id))
+        self._last_obs = (stamp, hist, names, parse_episode(msg.header.frame_id) or 0)
         if self._active():
             self._serve(*self._last_obs)
 
@@ -97,11 +104,12 @@ class TeacherNode(KoopmanNode):
         if res.chunk is None:
             self.failures += 1
             self.last_failure = res.health.reason
-            self.get_logger().error(f"teacher failed: {res.health.reason}", throttle_duration_sec=2.0)
+            self.fault(f"failed {res.health.kind}", f"teacher failed: {res.health.reason}", "error")
             return
         m = runner.meta
         offsets, points = published_points(res.chunk, m.n_obs_steps, m.control_dt)
-        self.pub.publish(convert.chunk_msg(stamp, m.action_names, offsets, points.astype(np.float64)))
+        self.pub.publish(convert.chunk_msg(stamp, m.action_names, offsets, points.astype(np.float64),
+                                           episode_label(episode)))
         self._last_served = stamp
         self.served += 1
         self.latency.add((time.time_ns() - stamp) / 1e6)
@@ -120,7 +128,8 @@ class TeacherNode(KoopmanNode):
 
     def metrics(self) -> dict[str, Any]:
         return {"policy": self.runner.name if self.runner else None, "served": self.served,
-                "failures": self.failures, "latency_ms": self.latency.summary(), "compute_ms": self.compute.summary()}
+                "failures": self.failures, "latency_ms": self.latency.summary(), "compute_ms": self.compute.summary(),
+                **super().metrics()}
 
     def diagnostics(self) -> list[tuple[str, int, str, dict[str, Any]]]:
         if self.runner is None:

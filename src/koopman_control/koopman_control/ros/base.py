@@ -25,11 +25,17 @@ from rclpy.context import Context
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
+from rclpy.signals import SignalHandlerOptions
+from std_srvs.srv import Trigger
 
+from koopman_control import topics
+from koopman_control.core.faultlog import FaultLog
 from koopman_control.ros.convert import to_time
 
 OK, WARN, ERROR, STALE = (DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR,
                           DiagnosticStatus.STALE)
+# A fault counted by a node keeps its /diagnostics status at WARN at least this long.
+RECENT_FAULT_S = 5.0
 # The GIL hands over every 5 ms by default: a 500 Hz loop waiting on a busy thread would miss its period.
 SWITCH_INTERVAL_S = 0.0005
 
@@ -108,6 +114,35 @@ def settle_heap() -> None:
     gc.freeze()
 
 
+def remap_args(node_name: str, argv: Sequence[str] | None = None) -> list[str]:
+    """The topic remappings of this process's ``--ros-args`` (``-r from:=to``, or ``node:from:=to`` for
+    ``node_name``), for a companion node that cannot use the global arguments (they would also give it the main
+    node's name). Node-name and namespace rules (``__node``, ``__ns``) are left out."""
+    args = list(sys.argv if argv is None else argv)
+    out: list[str] = []
+    inside = False
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--ros-args":
+            inside = True
+        elif a == "--":
+            inside = False
+        elif inside and a in ("-r", "--remap") and i + 1 < len(args):
+            rule = args[i + 1]
+            i += 1
+            target, sep, rest = rule.partition(":")
+            if sep and not rest.startswith("="):  # node-specific rule "node:from:=to"
+                if target != node_name:
+                    i += 1
+                    continue
+                rule = rest
+            if not rule.startswith("__"):
+                out += ["-r", rule]
+        i += 1
+    return ["--ros-args", *out] if out else []
+
+
 class ParameterError(ValueError):
     """A parameter value a node cannot work with (reported at start-up or in the set-parameters result)."""
 
@@ -150,6 +185,7 @@ class KoopmanNode(Node):
         self._defaults: dict[str, Any] = {}
         self.companions: list[Node] = []
         self.realtime_priority = 0  # for this node's executor threads; set by nodes that declare the parameter
+        self.faults = FaultLog()  # repeated faults: counted per cause, logged once then once a second
         self._diag_pub = None
         self._closed = False
 
@@ -165,27 +201,86 @@ class KoopmanNode(Node):
         self._defaults[name] = default
         return _coerce(name, value, default)
 
+    def declare_array(self, name: str, default: list, description: str) -> list:
+        """A list of numbers (limits, poses) from YAML or overrides, ints and floats alike; ``[]`` = unset."""
+        desc = ParameterDescriptor(description=description, dynamic_typing=True)
+        value = self.declare_parameter(name, default or None, desc).value  # no default: unset until given
+        is_bool = bool(default) and isinstance(default[0], bool)
+        try:
+            return [bool(v) if is_bool else float(v) for v in (value if value is not None else [])]
+        except (TypeError, ValueError):
+            raise ParameterError(f"parameter {name!r}: expected a list of numbers, got {value!r}") from None
+
     def param(self, name: str) -> Any:
         return _coerce(name, self.get_parameter(name).value, self._defaults[name])
 
     def coerce(self, param: Parameter) -> Any:
         return _coerce(param.name, param.value, self._defaults[param.name])
 
-    # -- diagnostics -----------------------------------------------------------------------------------------
+    # -- faults, diagnostics and metrics ---------------------------------------------------------------------
+    def fault(self, cause: str, detail: str, level: str = "warning") -> None:
+        """Count a fault under ``cause`` and log it once, then at most once a second with a count."""
+        line = self.faults.report(cause, detail)
+        if line is None:
+            return
+        # One call site per severity: rclpy refuses a call site whose severity changes between calls.
+        log = self.get_logger()
+        if level == "error":
+            log.error(line)
+        elif level == "warning":
+            log.warning(line)
+        elif level == "info":
+            log.info(line)
+        else:
+            log.debug(line)
+
     def start_diagnostics(self, rate_hz: float = 1.0) -> None:
-        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        """``/diagnostics`` at ``rate_hz``, and the ``~/metrics`` service (std_srvs/Trigger: the node's
+        :meth:`metrics` as JSON), which the process-per-node bringup and a user's ``ros2 service call`` read."""
+        self._diag_pub = self.create_publisher(DiagnosticArray, topics.DIAGNOSTICS, 10)
         self.create_timer(1.0 / rate_hz, self.publish_diagnostics)
+        self.create_service(Trigger, "~/metrics", self._on_metrics)
+        self.create_service(Trigger, "~/reset_stats", self._on_reset_stats)
 
     def diagnostics(self) -> list[tuple[str, int, str, dict[str, Any]]]:
         """(name suffix, level, message, values) entries; nodes override."""
         return []
+
+    def metrics(self) -> dict[str, Any]:
+        """What the bringup summary reads from this node; nodes extend it."""
+        return {"faults": self.faults.counts()}
+
+    def reset_stats(self) -> None:
+        """Start a measurement window (the bench discards its warm-up); nodes extend it."""
+        self.faults.reset()
+
+    def _on_reset_stats(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        self.reset_stats()
+        response.success, response.message = True, "statistics reset"
+        return response
+
+    def _on_metrics(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        import json
+
+        try:
+            response.message = json.dumps(self.metrics(), default=_json_default)
+            response.success = True
+        except Exception as err:  # a report must never take the node down
+            response.success, response.message = False, f"metrics unavailable: {err!r}"
+        return response
 
     def publish_diagnostics(self) -> None:
         if self._diag_pub is None:
             return
         arr = DiagnosticArray()
         arr.header.stamp = to_time(self.get_clock().now().nanoseconds)
-        for suffix, level, message, values in self.diagnostics():
+        entries = self.diagnostics()
+        recent = self.faults.recent(RECENT_FAULT_S)
+        if recent is not None and entries and entries[0][1] == OK:
+            # Every counted fault shows on /diagnostics for a while, whatever the node's own state says.
+            suffix, _, _, values = entries[0]
+            entries[0] = (suffix, WARN, f"recent fault: {recent[0]}", {**values, "recent_faults": recent[1]})
+        for suffix, level, message, values in entries:
             st = DiagnosticStatus(level=level, name=f"{self.diag_name}/{self.get_name()}{suffix}",
                                   message=message, hardware_id=self.get_fully_qualified_name())
             st.values = [KeyValue(key=str(k), value=_fmt(v)) for k, v in values.items()]
@@ -217,6 +312,16 @@ class KoopmanNode(Node):
         for c in self.companions:
             c.destroy_node()
         self.destroy_node()
+
+
+def _json_default(v: Any) -> Any:
+    import numpy as np
+
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return str(v)
 
 
 def _fmt(v: Any) -> str:
@@ -277,14 +382,29 @@ class Spinner:
             ex.shutdown(timeout_sec=timeout)
 
 
+class _Terminated(Exception):
+    """SIGTERM, handled like Ctrl-C."""
+
+
+def _terminate(*_: Any) -> None:
+    raise _Terminated()
+
+
 def run_node(factory: Callable[[], KoopmanNode], args: Sequence[str] | None = None) -> int:
-    """``main()`` of a node executable (what ``ros2 run`` / ``ros2 launch`` start): spin until Ctrl-C."""
+    """``main()`` of a node executable (what ``ros2 run`` / ``ros2 launch`` start): spin until Ctrl-C or SIGTERM.
+
+    rclpy's own signal handlers are off: they would invalidate the context at the first SIGINT, before the node
+    has stopped its threads and said so (a bridge closing its sessions logs after that). SIGINT and SIGTERM end
+    the loop below instead, and the node closes on a valid context.
+    """
     node: KoopmanNode | None = None
     spinner: Spinner | None = None
     code = 0
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         with stop_signals_to_main_thread():
-            rclpy.init(args=list(args) if args is not None else None)
+            rclpy.init(args=list(args) if args is not None else None,
+                       signal_handler_options=SignalHandlerOptions.NO)
             node = factory()
             settle_heap()
             spinner = Spinner(node.spin_nodes(), node.context, node.thread_priorities())
@@ -293,7 +413,7 @@ def run_node(factory: Callable[[], KoopmanNode], args: Sequence[str] | None = No
         while rclpy.ok() and not stop.wait(0.2):
             if spinner.errors:
                 raise spinner.errors[0]
-    except (KeyboardInterrupt, ExternalShutdownException):
+    except (KeyboardInterrupt, _Terminated, ExternalShutdownException):
         pass
     except ParameterError as err:
         print(f"error: {err}", file=sys.stderr)

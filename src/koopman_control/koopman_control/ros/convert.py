@@ -15,6 +15,7 @@ from sensor_msgs.msg import Image, JointState
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from koopman_control.core.chunk import ActionChunk
+from koopman_control.core.episodes import parse_episode
 from koopman_control.core.observation import NS, Observation
 
 
@@ -63,14 +64,20 @@ def chunk_msg(stamp_ns: int, names: Sequence[str], offsets_s: np.ndarray, positi
     return msg
 
 
+def hold_msg(stamp_ns: int, names: Sequence[str], frame_id: str = "") -> JointTrajectory:
+    """The hold command: a trajectory without points (``joint_trajectory_controller`` stops on one too)."""
+    return chunk_msg(stamp_ns, names, np.zeros(0), np.zeros((0, len(names))), frame_id)
+
+
 def chunk_from_msg(msg: JointTrajectory, joint_names: Sequence[str]) -> ActionChunk:
-    """Reorder a JointTrajectory into ``joint_names`` order; raises ValueError for unusable messages."""
+    """Reorder a JointTrajectory into ``joint_names`` order; raises ValueError for unusable messages (a hold
+    command, with no points, is the caller's to recognise first)."""
     if not msg.points:
-        raise ValueError("empty chunk: no points")
+        raise ValueError("bad shape: a chunk without points")
     index = {n: i for i, n in enumerate(msg.joint_names)}
     missing = [n for n in joint_names if n not in index]
     if missing:
-        raise ValueError(f"joint names: chunk lacks {', '.join(missing)} (has {list(msg.joint_names)})")
+        raise ValueError(f"bad shape: chunk lacks joints {', '.join(missing)} (has {list(msg.joint_names)})")
     perm = [index[n] for n in joint_names]
     n = len(msg.joint_names)
     rows = []
@@ -82,7 +89,7 @@ def chunk_from_msg(msg: JointTrajectory, joint_names: Sequence[str]) -> ActionCh
     pos = np.array(rows, dtype=np.float64)[:, perm]
     stamp = from_time(msg.header.stamp)
     times = np.array([stamp + from_duration(p.time_from_start) for p in msg.points], dtype=np.int64)
-    return ActionChunk(stamp, times, pos)
+    return ActionChunk(stamp, times, pos, parse_episode(msg.header.frame_id))
 
 
 def observation_msg(obs: Observation, names: Sequence[str], frame_id: str = "") -> JointTrajectory:
@@ -96,6 +103,16 @@ def observation_msg(obs: Observation, names: Sequence[str], frame_id: str = "") 
     msg.joint_names = list(names)
     msg.points = [JointTrajectoryPoint(positions=_f64(row), time_from_start=to_duration(int(s) - obs.stamp_ns))
                   for s, row in zip(obs.stamps_ns, obs.history, strict=True)]
+    return msg
+
+
+def stop_observation_msg(stamp_ns: int, names: Sequence[str], frame_id: str = "") -> JointTrajectory:
+    """An observation without steps: the ingest's inputs failed and no observation follows until they recover
+    (the policy node holds the arm on it)."""
+    msg = JointTrajectory()
+    msg.header.stamp = to_time(stamp_ns)
+    msg.header.frame_id = frame_id
+    msg.joint_names = list(names)
     return msg
 
 

@@ -158,6 +158,11 @@ class ReachObstacleTask:
         self.start_ee = arm.ee_pos
         self._clear_episode()
 
+    def restart_clock(self) -> None:
+        """Score from now on, with the time limit counted from now (a robot that waited at its start pose for
+        its controller; see koopman_control.core.episodes)."""
+        self._clear_episode()
+
     def _clear_episode(self) -> None:
         self._t0 = self.arm.time
         self.success = False

@@ -1,0 +1,149 @@
+"""The stack as ``ros2 launch`` runs it, one OS process per node (``koopman-control bringup --processes``):
+the loop closes with the sim beside two busy processes and with the Kortex stand-in; every episode is in the
+JSON; SIGTERM stops the nodes in the reverse of their start order and leaves none behind; the robot driver
+dying ends the stack; a short fault run from a foreign process crashes nothing, stops the arm at once where it
+must and shows every fault on /diagnostics.
+
+Each test runs the real command in a subprocess on a ROS domain of its own, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import wait_until
+
+from koopman_control.testing import session_domain_id
+
+pytestmark = pytest.mark.slow
+CLI = str(Path(sys.executable).parent / "koopman-control")
+EPISODE_FIELDS = {"episode", "seed", "success", "collision", "side", "collision_after_start_s", "waited_s"}
+
+
+class Command:
+    """A ``koopman-control`` command in its own session; its output collected line by line."""
+
+    def __init__(self, args: list[str], domain: int) -> None:
+        env = {**os.environ, "ROS_DOMAIN_ID": str(domain), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
+               "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([CLI, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        rx = re.compile(pattern)
+        try:
+            return wait_until(lambda: next((m for ln in self.lines if (m := rx.search(ln))), None), timeout,
+                              interval=0.1, what=pattern)
+        except TimeoutError:
+            pytest.fail(f"no line matching {pattern!r} within {timeout:.0f} s:\n{self.output[-4000:]}")
+
+    def pids(self) -> dict[str, int]:
+        return {m.group(1): int(m.group(2)) for ln in self.lines
+                if (m := re.search(r"\[bringup\] (\w+) started \(pid (\d+)\)", ln))}
+
+    def finish(self, timeout: float) -> int:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            pytest.fail(f"the command did not exit within {timeout:.0f} s:\n{self.output[-4000:]}")
+        self._reader.join(5.0)
+        return code
+
+
+def _gone(pids: dict[str, int]) -> list[str]:
+    alive = []
+    for name, pid in pids.items():
+        try:
+            os.kill(pid, 0)
+            alive.append(name)
+        except ProcessLookupError:
+            pass
+    return alive
+
+
+def _check_episodes(m: dict) -> None:
+    eps = m["episode_list"]
+    assert eps and len(eps) == m["episodes"] and all(set(e) >= EPISODE_FIELDS for e in eps), eps
+    assert m["early_collisions"] == 0, [e for e in eps if e["collision"]]
+    assert eps[0]["episode"] == 1  # episode 1 waited for the control path and counts like the others
+
+
+def test_sim_closes_the_loop_beside_two_busy_processes_and_sigterm_leaves_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "run.json"
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        cmd = Command(["bringup", "--processes", "--json", str(out)], session_domain_id() + 120)
+        cmd.wait_for(r"\[sim\].*episode 4 ", 150.0)
+        pids = cmd.pids()
+        assert set(pids) == {"sim", "state_ingest", "policy", "teacher"}
+        cmd.proc.send_signal(signal.SIGTERM)
+        code = cmd.finish(60.0)
+    finally:
+        for b in busy:
+            b.kill()
+            b.wait()
+    assert code == 0, cmd.output[-4000:]
+    assert not _gone(pids), f"left behind: {_gone(pids)}"
+    finished = [m.group(1) for ln in cmd.lines if (m := re.search(r"\[bringup\] (\w+) finished", ln))]
+    assert finished == ["teacher", "policy", "state_ingest", "sim"]  # the command sources before the arm
+    m = json.loads(out.read_text())
+    assert m["layout"] == "processes" and set(m["nodes"]) == set(pids)
+    _check_episodes(m)
+    assert m["episodes"] >= 4 and m["success_rate"] >= 0.5, m["episode_list"]
+    print(f"\nprocess layout beside two busy processes: {m['successes']} of {m['episodes']} episodes, "
+          f"collisions {m['collisions']}, latency {m['latency_ms']}, holds {m['holds']}")
+
+
+def test_kortex_standin_closes_the_loop_and_the_driver_dying_ends_the_stack(tmp_path: Path) -> None:
+    out = tmp_path / "run.json"
+    cmd = Command(["bringup", "--processes", "--robot", "kortex-standin", "--json", str(out)],
+                  session_domain_id() + 121)
+    cmd.wait_for(r"\[kortex_bridge\].*episode 2 ", 150.0)
+    pids = cmd.pids()
+    os.kill(pids["kortex_bridge"], signal.SIGKILL)
+    code = cmd.finish(60.0)
+    assert code == 1 and "robot driver is gone" in cmd.output, cmd.output[-4000:]
+    assert not _gone(pids), f"left behind: {_gone(pids)}"
+    m = json.loads(out.read_text())
+    assert m["robot"] == "kortex-standin" and m["nodes"]["policy"]["policy"] == "dkoopman"
+
+
+def test_fault_run_crashes_nothing_stops_the_arm_at_once_and_reports_every_fault(tmp_path: Path) -> None:
+    out = tmp_path / "faults.json"
+    faults = "nan-joint-states,out-of-limit-chunk,other-task-model,kill-policy"
+    cmd = Command(["fault-run", "--duration", "40", "--period", "9", "--warmup", "3", "--faults", faults,
+                   "--json", str(out)], session_domain_id() + 122)
+    code = cmd.finish(300.0)
+    assert code == 0, cmd.output[-4000:]
+    r = json.loads(out.read_text())
+    done = {f["fault"]: f for f in r["faults"]}
+    assert list(done) == faults.split(","), r["faults"]
+    assert r["checks"] == {"crashed": [], "stopped_late": [], "not_on_diagnostics": [], "early_collisions": 0}
+    assert done["nan-joint-states"]["counted_by"]["state_ingest"]["non-finite"] >= 50
+    assert done["nan-joint-states"]["stopped_by"] == "hold command"
+    assert done["out-of-limit-chunk"]["counted_by"]["sim"]["chunk out of limits"] >= 50
+    assert done["other-task-model"]["refused"] and "swap refused" in done["other-task-model"]["counted_by"]["policy"]
+    assert done["kill-policy"]["stopped_by"] == "watchdog" and done["kill-policy"]["restarted_after_s"] < 60
+    print("\n" + "\n".join(f"{k}: stopped after {f.get('stopped_after_ms')} ms, counted {f['counted_by']}"
+                           for k, f in done.items()))
