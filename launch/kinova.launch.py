@@ -33,6 +33,7 @@ def _stack_nodes(context, *args, **kwargs):
             executable=spec.executable,
             name=spec.name,
             parameters=[*(str(f) for f in spec.param_files), spec.overrides],
+            remappings=list(spec.remappings),
             output="screen",
             emulate_tty=True,
             on_exit=[Shutdown(reason=f"{spec.name} (the robot driver) exited")]

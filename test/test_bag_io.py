@@ -199,7 +199,7 @@ def test_foreign_sqlite_bag_reads_and_converts(tmp_path: Path) -> None:
     before = tree_hash(bag)
     run = load_run(bag)
     assert len(run.js_stamp_ns) == 60 and np.all(np.diff(run.js_stamp_ns) > 0)
-    assert np.allclose(run.q[10], HOME_Q + 0.01) and np.allclose(run.targets[0][2], [0.58, 0.02, 0.16])
+    assert np.allclose(run.q[10], HOME_Q + 0.01) and np.allclose(run.vectors["target"][0][2], [0.58, 0.02, 0.16])
     # No commands recorded: actions are the next measured position.
     summary = bags_to_dataset([bag], tmp_path / "demos.h5", action_source="auto")
     from koopman_sim.dataset import load_dataset

@@ -59,11 +59,12 @@ def test_replay_reproduces_the_driving_policy(policy_bag: Path, models: dict[str
 
 
 def test_replay_cli_writes_report(policy_bag: Path, models: dict[str, str], tmp_path: Path, capsys) -> None:
-    out = tmp_path / "report"
+    out, summary_json = tmp_path / "report", tmp_path / "summary.json"
     code = bag_main(["replay", str(policy_bag), "--policies", f"{models['bc']},{models['kdm']}", "--teacher",
-                     models["kdm"], "--out", str(out), "--json"])
+                     models["kdm"], "--out", str(out), "--json", str(summary_json)])
     assert code == 0
-    summary = json.loads(capsys.readouterr().out)
+    assert f"wrote {summary_json}" in capsys.readouterr().out
+    summary = json.loads(summary_json.read_text())
     assert summary["teacher"]["source"] == "offline:kdm"
     assert summary["policies"]["kdm"]["error_vs_teacher"]["rmse"] == 0.0
     assert summary["policies"]["bc"]["error_vs_teacher"]["matched"] == 40
@@ -87,6 +88,7 @@ def test_rebuilt_grid_matches_a_live_grid_anchored_before_recording() -> None:
     Starting on a recorded tick sample alone puts the grid up to one feedback period late; the phase estimated
     from the recorded ticks reproduces every later live tick."""
     from koopman_control.bag.observations import grid_phase
+    from koopman_control.contracts import resolve_contract
     from koopman_control.core.observation import StateObservationBuilder
 
     rng = np.random.default_rng(0)
@@ -103,11 +105,12 @@ def test_rebuilt_grid_matches_a_live_grid_anchored_before_recording() -> None:
                 builder.align_grid(align)
         return out
 
-    live = ticks(StateObservationBuilder(names, 1, 10.0), stamps)
+    joints = [f for f in resolve_contract("").observation if f.kind == "joint_position"]
+    live = ticks(StateObservationBuilder(joints, 1, 10.0), stamps)
     recorded = [t for t in live if t > stamps[100]]  # the recorder starts a second in
     start = int(np.searchsorted(stamps, recorded[0]))
-    naive = ticks(StateObservationBuilder(names, 1, 10.0), stamps[start:])
-    b = StateObservationBuilder(names, 1, 10.0)
+    naive = ticks(StateObservationBuilder(joints, 1, 10.0), stamps[start:])
+    b = StateObservationBuilder(joints, 1, 10.0)
     aligned = ticks(b, stamps[start:], grid_phase(recorded, b.period_ns, b.tol_ns))
     assert aligned == recorded
     assert naive != recorded  # this seed's jitter puts a grid point between samples: the naive grid drifts
@@ -144,8 +147,9 @@ def test_bag_to_dataset_trains_a_teacher(tmp_path: Path, capsys) -> None:
     record_sim_run(bag, driver="expert", duration_s=12.0, feedback_rate_hz=100.0, storage="sqlite3")
     run = load_run(bag)
     demos = tmp_path / "demos.h5"
-    assert distill_main(["bag-to-dataset", str(bag), "--out", str(demos), "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    report = tmp_path / "summary.json"
+    assert distill_main(["bag-to-dataset", str(bag), "--out", str(demos), "--json", str(report)]) == 0
+    summary = json.loads(report.read_text())
     d = load_dataset(demos)
     assert summary["action_source"][str(bag)] == "chunk" and d.n_steps == summary["rows"]
     assert d.obs.shape[1] == 20 and d.control_dt == pytest.approx(0.1)

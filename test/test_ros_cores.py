@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from koopman_control.contracts import resolve_contract
 from koopman_control.core.chunk import ActionChunk, ChunkExecutor, CommandChecks, ExecState, published_points
 from koopman_control.core.episodes import EpisodeSequencer, EpisodeTimeline, Phase
 from koopman_control.core.faultlog import FaultLog
@@ -21,18 +22,18 @@ T0 = 1_700_000_000 * NS
 
 
 # -- observations ----------------------------------------------------------------------------------------------
-TASK = {"target": 3, "pillar": 3}
+REACH = resolve_contract("gen3_reach_obstacle")
 
 
 def _task(b: StateObservationBuilder, stamp: int = T0 - MS, y: float = 0.0) -> None:
-    b.set_task("target", stamp, [0.6, y, 0.17])
-    b.set_task("pillar", stamp, [0.41, y, 0.15])
+    b.set_vector("target", stamp, [0.6, y, 0.17])
+    b.set_vector("pillar", stamp, [0.41, y, 0.15])
 
 
 def _builder(rate: float = 10.0, steps: int = 2, spacing: float | None = None,
              bounds: JointBounds | None = None) -> StateObservationBuilder:
-    b = StateObservationBuilder(JOINTS, steps, rate, max_state_age_s=0.05, task_inputs=TASK,
-                                history_spacing_s=spacing, bounds=bounds)
+    b = StateObservationBuilder(REACH.observation, steps, rate, max_state_age_s=0.05, history_spacing_s=spacing,
+                                bounds=bounds)
     _task(b)
     return b
 
@@ -67,7 +68,7 @@ def test_a_faster_controller_keeps_the_trained_history_spacing() -> None:
     assert all(o.stamps_ns[1] - o.stamps_ns[0] == 100 * MS for o in out[10:])
     assert np.allclose(out[20].history[0, :7], out[10].history[1, :7])
     with pytest.raises(ValueError, match="whole multiple"):
-        StateObservationBuilder(JOINTS, 2, 15.0, history_spacing_s=0.1)
+        StateObservationBuilder(REACH.observation, 2, 15.0, history_spacing_s=0.1)
 
 
 def test_a_late_sample_at_100hz_does_not_empty_the_history() -> None:
@@ -155,14 +156,15 @@ def test_bad_input_stops_the_flow_and_is_reported(bad: str) -> None:
 
 
 def test_watchdog_marks_silence_stale_and_waits_for_task() -> None:
-    b = StateObservationBuilder(JOINTS, 2, 10.0, max_state_age_s=0.05, task_inputs=TASK)
+    b = StateObservationBuilder(REACH.observation, 2, 10.0, max_state_age_s=0.05)
     assert _feed(b, T0) is None and b.status is InputStatus.WAITING  # no target/pillar yet
+    assert "task/target" in b.reason  # the missing input and its source
     _task(b, T0 + MS)
     assert _feed(b, T0 + 2 * MS) is not None
     assert b.check(T0 + 30 * MS) is InputStatus.OK
     assert b.check(T0 + 80 * MS) is InputStatus.STALE
-    b.set_task("target", T0 + 90 * MS, [np.nan, 0, 0])
-    assert b.status is InputStatus.INVALID and b.take_events()[-1][0] == "task input"
+    b.set_vector("target", T0 + 90 * MS, [np.nan, 0, 0])
+    assert b.status is InputStatus.INVALID and b.take_events()[-1][0] == "target invalid"
 
 
 def test_episode_change_restarts_padded_history_and_tick_grid() -> None:
@@ -422,11 +424,13 @@ def test_stats() -> None:
 
 
 # -- sim driver ------------------------------------------------------------------------------------------------
-def _sim(**kw):
+def _sim(time_limit: float = 8.0, **kw):
     from koopman_control.core.sim_driver import SimDriver
+    from koopman_control.core.sim_tasks import Gen3Reach
     from koopman_sim import gen3
 
-    return SimDriver(CommandChecks(gen3.JOINT_LOWER, gen3.JOINT_UPPER, watchdog_timeout=0.3), **kw)
+    checks = CommandChecks(gen3.JOINT_LOWER, gen3.JOINT_UPPER, watchdog_timeout=0.3)
+    return SimDriver(Gen3Reach(time_limit=time_limit), checks, **kw)
 
 
 def test_sim_driver_announces_resets_ahead_and_scores_from_the_first_chunk() -> None:
@@ -465,7 +469,7 @@ def test_sim_driver_refuses_out_of_limit_chunks_instead_of_clamping() -> None:
     ok, reason = d.submit(_chunk(t, np.stack([st.q, target])), t)
     assert not ok and reason.startswith("out of limits")
     d.step(t + 2 * MS)
-    assert d.arm.target[1] < gen3.JOINT_UPPER[1] - 1.0
+    assert d.task.arm.target[1] < gen3.JOINT_UPPER[1] - 1.0
 
 
 # -- stack description -----------------------------------------------------------------------------------------
@@ -529,3 +533,73 @@ def test_periodic_loop_keeps_rate_and_reanchors_when_late() -> None:
     boom.start()
     time.sleep(0.1)
     assert isinstance(boom.error, ZeroDivisionError) and not boom.running
+
+
+def test_a_streamed_input_is_paired_with_its_joint_sample_by_stamp() -> None:
+    """Push-T's block pose comes on a topic of its own, stamped like the pusher's joint sample: the tick waits
+    for the pose measured with it, and a pose that never comes stops the flow after the age limit."""
+    pusht = resolve_contract("pusht")
+    b = StateObservationBuilder(pusht.observation, 2, 10.0, max_state_age_s=0.05)
+    agent = ["agent_x", "agent_y"]
+    assert b.names == ("agent_x", "agent_y", "block_x", "block_y", "block_angle") and not b.needs_velocity
+    assert b.on_joint_state(agent, [100.0, 200.0], [], T0, T0) is None  # the tick waits for its block pose
+    assert b.set_vector("block", T0 - 10 * MS, [256.0, 256.0, 0.5], T0) is None  # an older pose does not do
+    o = b.set_vector("block", T0, [250.0, 260.0, 0.7], T0 + MS)
+    assert o is not None and np.allclose(o.history[-1], [100, 200, 250, 260, 0.7])
+    assert b.on_joint_state(agent, [101.0, 200.0], [], T0 + 100 * MS, T0 + 100 * MS) is None
+    for k in range(1, 40):  # the pusher keeps reporting, the block pose of the tick never comes
+        b.on_joint_state(agent, [101.0, 200.0], [], T0 + (100 + 2 * k) * MS, T0 + (100 + 2 * k) * MS)
+    assert b.check(T0 + 180 * MS) is InputStatus.STALE and "block" in b.reason
+
+
+def test_wrapped_continuous_joints_are_unwrapped_onto_the_training_data() -> None:
+    """A ros2_control joint_state_broadcaster wraps joint_3 to (-pi, pi]; the reach task's start pose has it at
+    pi, so a reading of -3.13 is the training data's 3.15, and it stays continuous across the wrap."""
+    from koopman_policy.contract import Contract
+
+    d = REACH.to_dict()
+    d["observation"][0]["reference"] = [0.0, 0.4, np.pi, -2.4, 0.0, -0.3, np.pi / 2]
+    b = StateObservationBuilder(Contract.from_dict(d).observation, 1, 10.0)
+    _task(b)
+    q = np.array([0.0, 0.4, -3.13, -2.4, 0.0, -0.3, 1.5])
+    o = b.on_joint_state(JOINTS, q, [0.0] * 7, T0, T0)
+    assert o.history[-1, 2] == pytest.approx(-3.13 + 2 * np.pi) and o.history[-1, 1] == pytest.approx(0.4)
+    q[2] = 3.12  # crossed the wrap back
+    o = b.on_joint_state(JOINTS, q, [0.0] * 7, T0 + 100 * MS, T0 + 100 * MS)
+    assert o.history[-1, 2] == pytest.approx(3.12)
+
+
+def test_the_pusht_sim_pushes_exactly_as_the_gym_environment() -> None:
+    """Push-T in the sim node's driver, a one-point chunk per control period from the scripted pusher, goes
+    through the same states as gym-pusht's ``env.step`` for the same seed: the stack's Push-T is the benchmark."""
+    from koopman_control.core.sim_driver import SimDriver
+    from koopman_control.core.sim_tasks import PushT
+    from koopman_sim.pusht_expert import PushTExpert
+    from koopman_sim.tasks.pusht import PushTEnv, wrap_angle
+
+    seed = 1003
+    env, expert = PushTEnv(), PushTExpert()
+    obs, _ = env.reset(seed=seed)
+    expert.reset(obs, np.random.default_rng(0))
+    gym_obs = [obs]
+    for _ in range(40):
+        obs, *_ = env.step(expert.act(obs))
+        gym_obs.append(obs)
+    d = SimDriver(PushT(), seed=seed, sequential_seeds=True)
+    d.schedule_reset(T0)
+    expert = PushTExpert()
+    sim_obs: list[np.ndarray] = []
+    t = T0
+    while len(sim_obs) < len(gym_obs):
+        t += 10 * MS
+        st = d.sample(t)
+        if d.sequencer.phase in (Phase.WAITING, Phase.RUNNING) and (t - d.sequencer.start_ns) % (100 * MS) == 0:
+            b = st.streams["block"]
+            o = np.array([*st.q, b[0], b[1], wrap_angle(b[2] % (2 * np.pi))], dtype=np.float32)
+            if not sim_obs:
+                expert.reset(o, np.random.default_rng(0))
+            sim_obs.append(o)
+            assert d.submit(ActionChunk.from_offsets(t, [0.0], expert.act(o)[None], 1), t)[0]
+        d.advance(t)
+    np.testing.assert_array_equal(np.array(sim_obs), np.array(gym_obs))
+    assert d.sequencer.episode_seed_now == seed  # sequential seeds: episode 1 is the gym's seed

@@ -240,7 +240,7 @@ def test_fallback_adopts_only_the_teachers_answer_to_this_episode_and_holds_mean
         wait_until(lambda: pol.supervisor.mode.value == "teacher_fallback", 3.0, what="the fallback")
         n_holds = pol.stats.holds
         wait_until(lambda: pol.stats.holds >= n_holds + 3, 3.0, what="hold commands while no teacher answers")
-        q = np.asarray(stack["sim"].driver.arm.q)
+        q = np.asarray(stack["sim"].driver.task.arm.q)
 
         def answer(episode: int, age_ns: int) -> int:
             stamp = probe.obs[-1][0] - age_ns

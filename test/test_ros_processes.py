@@ -147,3 +147,50 @@ def test_fault_run_crashes_nothing_stops_the_arm_at_once_and_reports_every_fault
     assert done["kill-policy"]["stopped_by"] == "watchdog" and done["kill-policy"]["restarted_after_s"] < 60
     print("\n" + "\n".join(f"{k}: stopped after {f.get('stopped_after_ms')} ms, counted {f['counted_by']}"
                            for k, f in done.items()))
+
+
+def test_an_external_ros2_control_driver_is_driven_through_its_trajectory_controller(tmp_path: Path) -> None:
+    """``--robot ros2_control``: no sim, no bridge; chunks go as JointTrajectory to the trajectory controller's
+    topic and joint states come from a joint_state_broadcaster that wraps the continuous joints to (-pi, pi]
+    (the reach task starts with joint_3 at pi, on the wrap). A stand-in of both controllers, with the task's
+    cell, runs in a process of its own; the stack reaches the target through it."""
+    domain = session_domain_id() + 123
+    exe = str(Path(sys.executable).parent / "ros2_control_standin_node")
+    env = {**os.environ, "ROS_DOMAIN_ID": str(domain), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
+           "PYTHONUNBUFFERED": "1"}
+    cell = subprocess.Popen([exe, "--ros-args", "-p", "seed:=4", "-p", "cmd_timeout:=0.3"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(ln.rstrip() for ln in cell.stdout), daemon=True).start()
+    try:
+        cmd = Command(["bringup", "--processes", "--robot", "ros2_control", "--no-teacher-fallback"], domain)
+        try:
+            wait_until(lambda: any("episode 1:" in ln for ln in lines), 150.0, interval=0.5,
+                       what="the stand-in cell's episode result")
+        finally:
+            cmd.proc.send_signal(signal.SIGINT)
+            code = cmd.finish(60.0)
+    finally:
+        cell.send_signal(signal.SIGINT)
+        cell.wait(30)
+    result = next(ln for ln in lines if "episode 1:" in ln)
+    assert "success True" in result and "collision False" in result, "\n".join(lines[-20:]) + cmd.output[-3000:]
+    assert code == 0 and "[bringup] sim" not in cmd.output and "kortex_bridge" not in cmd.output
+
+
+def test_pusht_runs_through_the_same_stack(tmp_path: Path) -> None:
+    """``--policy pusht_oneflow``: the stack serves Push-T from the model's contract alone (the pusher's two
+    joints on joint_states, the block pose on its topic), on the gym evaluation's seeds, and pushes the block
+    (coverage needs most of an episode; the benchmark compares it with the gym evaluation's)."""
+    out = tmp_path / "pusht.json"
+    cmd = Command(["bringup", "--processes", "--policy", "pusht_oneflow", "--no-teacher-fallback",
+                   "--param", "sim.seed=1000", "--param", "sim.sequential_seeds=true", "--param",
+                   "sim.time_limit=12", "--json", str(out)], session_domain_id() + 124)
+    cmd.wait_for(r"\[sim\].*episode 1 \(seed 1000\)", 150.0)
+    cmd.proc.send_signal(signal.SIGINT)
+    assert cmd.finish(60.0) == 0, cmd.output[-4000:]
+    m = json.loads(out.read_text())
+    result = next(r for r in m["episode_list"] if r["episode"] == 1)
+    assert result["seed"] == 1000 and result["block_moved_px"] > 20, result
+    assert m["nodes"]["state_ingest"]["emitted"] > 100 and m["nodes"]["policy"]["policy"] == "pusht_oneflow"
+    print(f"\nPush-T through the stack, seed 1000, 12 s: the block moved {result['block_moved_px']:.0f} px")

@@ -48,7 +48,9 @@ class Stack:
             for spec in specs:
                 cls = spec.node_class()
                 overrides = [Parameter(k, value=v) for k, v in spec.parameters().items()]
-                self.nodes[spec.name] = cls(node_name=spec.name, context=context, parameter_overrides=overrides)
+                remaps = [a for src, dst in spec.remappings for a in ("-r", f"{src}:={dst}")]
+                self.nodes[spec.name] = cls(node_name=spec.name, context=context, parameter_overrides=overrides,
+                                            cli_args=["--ros-args", *remaps] if remaps else None)
             spun = [n for node in self.nodes.values() for n in node.spin_nodes()]
             # The observation -> chunk path (ingest, policy control) on one executor thread: the policy's
             # subscription is served by the thread that just published the observation, with no cross-thread
@@ -139,6 +141,7 @@ def summarize(per_node: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "episodes": sim.get("episodes"),
         "success_rate": sim.get("success_rate"),
         "successes": sim.get("successes"),
+        "mean_max_coverage": sim.get("mean_max_coverage"),
         "collisions": sim.get("collisions"),
         "early_collisions": sum(1 for e in episodes if e.get("collision_after_start_s") is not None
                                 and e["collision_after_start_s"] < EARLY_COLLISION_S),

@@ -47,9 +47,12 @@ def _add_stack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--use-sim", action=argparse.BooleanOptionalAction, default=True,
                    help="simulate the arm (sim_node) or drive a Kinova Gen3 (kortex_bridge_node)")
     p.add_argument("--robot-ip", default=None, help="Kinova Gen3 address (with --no-use-sim)")
-    p.add_argument("--robot", default=None, choices=("sim", "kortex", "kortex-standin"),
-                   help="sim, kortex (the arm) or kortex-standin (the bridge against its MuJoCo stand-in); "
-                        "default: from --use-sim")
+    from koopman_control.stack import LAUNCH_ARGUMENTS, ROBOTS
+
+    p.add_argument("--robot", default=None, choices=ROBOTS, help=LAUNCH_ARGUMENTS["robot"][1])
+    p.add_argument("--task", default="", help=LAUNCH_ARGUMENTS["task"][1])
+    p.add_argument("--controller-topic", default=LAUNCH_ARGUMENTS["controller_topic"][0],
+                   help=LAUNCH_ARGUMENTS["controller_topic"][1])
     p.add_argument("--policy", default="", help="policy name in config/policies.yaml or a path (default: the "
                                                 "catalogue's default)")
     p.add_argument("--policy-rate", type=float, default=None, help="control rate in Hz (default: config/stack.yaml)")
@@ -79,7 +82,8 @@ def _specs(ns: argparse.Namespace) -> list[Any]:
     from koopman_control.stack import StackArgs, build_stack
 
     values = {"use_sim": str(ns.use_sim), "policy": ns.policy, "use_camera": str(ns.use_camera),
-              "teacher_fallback": str(ns.teacher_fallback), "robot": ns.robot or "",
+              "teacher_fallback": str(ns.teacher_fallback), "robot": ns.robot or "", "task": ns.task,
+              "controller_topic": ns.controller_topic,
               "policy_rate": "" if ns.policy_rate is None else str(ns.policy_rate)}
     if ns.robot_ip:
         values["robot_ip"] = ns.robot_ip
@@ -265,7 +269,9 @@ def cmd_bringup(ns: argparse.Namespace, bench: bool = False) -> int:
     _write_json(ns.json, m)
     lat = m.get("latency_ms") or {}
     fb = m.get("feedback") or {}
-    print(f"episodes {m.get('episodes')}, success rate {_fmt(m.get('success_rate'), '.2f')}, collisions "
+    coverage = m.get("mean_max_coverage")
+    print(f"episodes {m.get('episodes')}, success rate {_fmt(m.get('success_rate'), '.2f')}"
+          + (f", mean max coverage {coverage:.3f}" if coverage is not None else "") + ", collisions "
           f"{m.get('collisions')} ({m.get('early_collisions')} within 0.5 s of a start), latency p50 "
           f"{_fmt(lat.get('p50'), '.3f')} ms p99 {_fmt(lat.get('p99'), '.3f')} ms (n={lat.get('count')}), missed "
           f"ticks {m.get('missed_ticks')}, fallback events {m.get('fallback_events')}, holds {m.get('holds')}, "

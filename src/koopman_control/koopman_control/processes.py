@@ -72,6 +72,8 @@ def find_executable(name: str) -> str:
 def node_command(spec: NodeSpec, overrides_file: Path) -> list[str]:
     """The command line launch_ros builds for a Node with ``parameters=[*files, overrides]``."""
     cmd = [find_executable(spec.executable), "--ros-args", "-r", f"__node:={spec.name}"]
+    for src, dst in spec.remappings:
+        cmd += ["-r", f"{src}:={dst}"]
     for f in spec.param_files:
         cmd += ["--params-file", str(f)]
     return [*cmd, "--params-file", str(overrides_file)]

@@ -1,14 +1,20 @@
 """The one description of which nodes run, with which parameters: used by ``launch/kinova.launch.py``
 (inside an OpaqueFunction, turned into ``launch_ros`` Nodes) and by ``koopman-control bringup`` (node
-classes instantiated in one process). Plain Python, no ROS imports, so both paths and the tests share it.
+classes instantiated in one process, or one process per node). Plain Python, no ROS imports, so every path
+and the tests share it.
 
 Parameters come from ``config/stack.yaml`` (ROS 2 parameter-file format); launch arguments override the
 entries they name. The bringup applies file then overrides exactly as ``ros2 launch`` does (a parameter
 file, then a dictionary of overrides).
+
+What the stack serves is a contract (:mod:`koopman_policy.contract`): the launched policy's own, from its ONNX
+export, or a task given by ``task``. The ingest builds that contract's observation, the policy node refuses a
+swap to a model it cannot feed, the sim runs that task, the teacher is the catalogue's teacher of that task.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from collections.abc import Mapping
@@ -16,7 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from koopman_control import topics
+from koopman_control.contracts import policy_contract, resolve_contract
 from koopman_control.params import load_parameters
+from koopman_policy.contract import Contract, ContractError
 
 PACKAGE = "koopman_control"
 STACK_FILE = "stack.yaml"
@@ -29,9 +38,14 @@ LAUNCH_ARGUMENTS: dict[str, tuple[str, str]] = {
     "use_camera": ("false", "render camera frames in the sim and run camera_ingest_node"),
     "teacher_fallback": ("true", "run teacher_node and fall back to it when the student is unhealthy"),
     "policy_rate": ("", "control rate in Hz; empty = config/stack.yaml (10 Hz, the task's rate)"),
-    "robot": ("", "sim | kortex | kortex-standin (the bridge against its MuJoCo stand-in); empty = from use_sim"),
+    "robot": ("", "sim | kortex | kortex-standin (the bridge against its MuJoCo stand-in) | ros2_control (an "
+                  "external ros2_control driver, e.g. ros2_kortex); empty = from use_sim"),
+    "task": ("", "what the stack serves: a built-in task (gen3_reach_obstacle, pusht) or a task file; empty = "
+                 "the policy's own contract"),
+    "controller_topic": ("/joint_trajectory_controller/joint_trajectory",
+                         "robot:=ros2_control: the joint trajectory controller's command topic"),
 }
-ROBOTS = ("sim", "kortex", "kortex-standin")
+ROBOTS = ("sim", "kortex", "kortex-standin", "ros2_control")
 #: Node names of the robot drivers: the stack ends when one exits (launch file and process runner alike).
 ROBOT_DRIVERS = ("sim", "kortex_bridge")
 
@@ -60,6 +74,8 @@ class StackArgs:
     teacher_fallback: bool = True
     policy_rate: float | None = None
     robot: str = ""  # "" = "sim" if use_sim else "kortex"
+    task: str = ""  # "" = the policy's contract
+    controller_topic: str = LAUNCH_ARGUMENTS["controller_topic"][0]
 
     @property
     def robot_kind(self) -> str:
@@ -88,7 +104,8 @@ class StackArgs:
             use_sim = robot == "sim"
         return cls(use_sim=use_sim, robot_ip=str(v["robot_ip"]), policy=str(v["policy"]),
                    use_camera=_bool("use_camera", v["use_camera"]),
-                   teacher_fallback=_bool("teacher_fallback", v["teacher_fallback"]), policy_rate=rate, robot=robot)
+                   teacher_fallback=_bool("teacher_fallback", v["teacher_fallback"]), policy_rate=rate, robot=robot,
+                   task=str(v["task"]).strip(), controller_topic=str(v["controller_topic"]).strip())
 
 
 @dataclass(frozen=True)
@@ -98,6 +115,7 @@ class NodeSpec:
     entry: str  # "module:Class" (bringup)
     param_files: tuple[Path, ...] = ()
     overrides: dict[str, Any] = field(default_factory=dict)
+    remappings: tuple[tuple[str, str], ...] = ()  # topic remappings (launch ``remappings``, ``-r from:=to``)
 
     def node_class(self) -> type:
         module, _, cls = self.entry.partition(":")
@@ -140,30 +158,20 @@ def _node(executable: str, name: str, cls: str, files: tuple[Path, ...], **overr
     return NodeSpec(executable, name, f"{PACKAGE}.nodes.{executable}:{cls}", files, overrides)
 
 
-def camera_settings(policy: str | None, root: Path) -> dict[str, dict[str, Any]]:
-    """Sim camera and ingest frame size for a camera policy, from its ONNX metadata.
-
-    A camera policy only works on frames like those it was trained on (camera, width, height), so these
-    follow the model rather than config/stack.yaml. Nothing for state policies or names the catalogue does not
-    know (the policy node reports those).
-    """
-    from koopman_policy.catalog import resolve_policy
-
+def served_contract(args: StackArgs, root: Path) -> Contract:
+    """The contract the stack serves: the task given, else the launched policy's (read from its export)."""
     try:
-        entry = resolve_policy(policy or None, root=root)
-    except ValueError:
-        return {}
-    if entry.inputs != "image" or entry.onnx is None or not entry.onnx.is_file():
-        return {}
-    from koopman_policy.onnx_export import read_metadata
+        return resolve_contract(args.task) if args.task else policy_contract(args.policy or None, root)
+    except ContractError as err:
+        raise StackError(str(err)) from None
 
-    try:
-        raw = read_metadata(entry.onnx)
-        h, w, name = int(raw["image_height"]), int(raw["image_width"]), str(raw["camera"])
-    except (KeyError, TypeError, ValueError, OSError) as err:
-        raise StackError(f"camera policy {entry.name!r}: unreadable image metadata in {entry.onnx}: {err}") from None
-    return {"sim": {"camera_name": name, "camera_width": w, "camera_height": h},
-            "camera_ingest": {"width": w, "height": h}}
+
+def task_teacher(task: str, root: Path) -> str | None:
+    """The catalogue's teacher of ``task`` (the fallback's policy), or None."""
+    from koopman_policy.catalog import load_catalog
+
+    return next((n for n, e in load_catalog(root).policies.items() if e.method == "teacher" and e.task == task
+                 and (e.onnx is not None or e.onnx_denoiser is not None)), None)
 
 
 def build_stack(args: StackArgs | None = None, root: str | Path | None = None,
@@ -180,37 +188,60 @@ def build_stack(args: StackArgs | None = None, root: str | Path | None = None,
         raise StackError(f"{cfg} not found")
     files = (cfg,)
     rate = {"policy_rate": args.policy_rate} if args.policy_rate is not None else {}
+    contract = served_contract(args, root)
+    served = {"contract": contract.to_json()}
+    image = contract.image
+    use_camera = args.use_camera or image is not None
     nodes: list[NodeSpec] = []
-    camera = camera_settings(args.policy, root) if args.use_camera else {}
-    if args.robot_kind == "sim":
+    robot = args.robot_kind
+    if robot == "sim":
+        from koopman_control.core.sim_tasks import TASKS
         from koopman_control.kortex import command_checks
 
-        try:
-            checks = command_checks(root)
-        except FileNotFoundError as err:
-            raise StackError(str(err)) from None
-        nodes.append(_node("sim_node", "sim", "SimNode", files, publish_camera=args.use_camera, **checks,
-                           **camera.get("sim", {})))
-    else:
-        if args.use_camera:
-            raise StackError("use_camera needs the simulated camera (use_sim true); the arm has none in this stack")
+        if contract.task not in TASKS:
+            raise StackError(f"the sim runs {', '.join(TASKS)}, not task {contract.task!r}: drive a robot that runs "
+                             "it (robot:=ros2_control, kortex or kortex-standin)")
+        sim: dict[str, Any] = {"task": contract.task, "publish_camera": use_camera}
+        if contract.task == "gen3_reach_obstacle":
+            try:
+                sim.update(command_checks(root))
+            except FileNotFoundError as err:
+                raise StackError(str(err)) from None
+        if image is not None:
+            spec = image.image
+            sim.update(camera_name=spec.camera, camera_width=spec.width, camera_height=spec.height)
+        nodes.append(_node("sim_node", "sim", "SimNode", files, **sim))
+    elif use_camera:
+        raise StackError("use_camera needs the simulated camera (robot:=sim); the arm has none in this stack")
+    elif robot in ("kortex", "kortex-standin"):
         from koopman_control.kortex import bridge_spec
 
+        if contract.task != "gen3_reach_obstacle" and robot == "kortex-standin":
+            raise StackError(f"the Kortex stand-in's scene is gen3_reach_obstacle, not task {contract.task!r}")
         try:
-            bridge_files, bridge_overrides = bridge_spec(args.robot_kind, root, args.robot_ip)
+            bridge_files, bridge_overrides = bridge_spec(robot, root, args.robot_ip)
         except (ValueError, FileNotFoundError) as err:
             raise StackError(str(err)) from None
         nodes.append(_node("kortex_bridge_node", "kortex_bridge", "KortexBridgeNode", files + tuple(bridge_files),
                            **bridge_overrides))
-    nodes.append(_node("state_ingest_node", "state_ingest", "StateIngestNode", files, **rate))
-    if args.use_camera:
-        nodes.append(_node("camera_ingest_node", "camera_ingest", "CameraIngestNode", files, **rate,
-                           **camera.get("camera_ingest", {})))
+    nodes.append(_node("state_ingest_node", "state_ingest", "StateIngestNode", files, **served, **rate))
+    if use_camera:
+        spec = image.image if image is not None else None
+        size = {"width": spec.width, "height": spec.height} if spec is not None else {}
+        nodes.append(_node("camera_ingest_node", "camera_ingest", "CameraIngestNode", files, **rate, **size))
     policy = {"policy": args.policy} if args.policy else {}
-    nodes.append(_node("policy_node", "policy", "PolicyNode", files, catalog_root=str(root),
-                       teacher_fallback=args.teacher_fallback, **policy, **rate))
+    pol = _node("policy_node", "policy", "PolicyNode", files, catalog_root=str(root),
+                teacher_fallback=args.teacher_fallback, **served, **policy, **rate)
+    if robot == "ros2_control":  # chunks straight to the controller, which takes JointTrajectory as they are
+        pol.overrides["hold_points"] = True  # it interpolates between waypoints; the policies hold each point
+        pol = dataclasses.replace(pol, remappings=((topics.ACTION_CHUNK, args.controller_topic),))
+    nodes.append(pol)
     if args.teacher_fallback:
-        nodes.append(_node("teacher_node", "teacher", "TeacherNode", files, catalog_root=str(root)))
+        teacher = task_teacher(contract.task, root)
+        if teacher is None:
+            raise StackError(f"no teacher of task {contract.task!r} in {root / 'config' / 'policies.yaml'} for the "
+                             "fallback: add one, or teacher_fallback:=false")
+        nodes.append(_node("teacher_node", "teacher", "TeacherNode", files, catalog_root=str(root), policy=teacher))
     for spec in nodes:
         spec.overrides.update((overrides or {}).get(spec.name, {}))
     unknown = set(overrides or {}) - {n.name for n in nodes}

@@ -24,6 +24,7 @@ def export_untrained(method: str, path: str | Path, seed: int = 0, teacher_steps
     """Export an untrained ``method`` policy for the Gen3 task to ``path`` (an .onnx file)."""
     import torch
 
+    from koopman_control.contracts import resolve_contract
     from koopman_policy.onnx_export import export_policy
     from koopman_policy.registry import policy_class
     from koopman_sim import gen3
@@ -31,7 +32,8 @@ def export_untrained(method: str, path: str | Path, seed: int = 0, teacher_steps
 
     torch.manual_seed(seed)
     cls = policy_class(method)
-    cfg = cls.config_class(obs_names=list(OBS_NAMES), action_names=list(gen3.JOINT_NAMES))
+    cfg = cls.config_class(obs_names=list(OBS_NAMES), action_names=list(gen3.JOINT_NAMES),
+                           contract=resolve_contract("gen3_reach_obstacle").to_dict())
     policy = cls(cfg)
     home = torch.tensor(gen3.HOME_Q, dtype=torch.float32)
     n = 64

@@ -44,6 +44,14 @@ def check_task(task_name: str) -> str:
     return task_name
 
 
+def task_file(task_name: str) -> Any:
+    """The built-in task's contract file (``tasks/<name>.yaml``: observation and action features and their
+    sources; read with ``koopman_policy.contract.Contract.from_file``)."""
+    from importlib import resources
+
+    return resources.files("koopman_sim") / "tasks" / f"{check_task(task_name)}.yaml"
+
+
 def make(task_name: str, **kw: Any) -> Any:
     """Create the Gymnasium environment registered as ``task_name``; keywords go to its constructor."""
     return _REGISTRY[check_task(task_name)](**kw)

@@ -1,8 +1,10 @@
-"""Recorded runs -> a demonstration dataset in ``koopman_sim.dataset``'s HDF5 format (retraining on arm data).
+"""Recorded runs -> a demonstration dataset in ``koopman_sim.dataset``'s HDF5 format (training on your own data).
 
-Observations: the 20-d task observation at every policy tick, rebuilt from ``/joint_states`` and the task topics
-exactly as the live ingest builds them (:mod:`koopman_control.bag.observations`, one-step history), so
-``obs[k]`` is what the policy saw at tick ``k``.
+What the dataset holds is a task's contract (:mod:`koopman_policy.contract`; a task file, default the reach
+task): its observation at every policy tick, rebuilt from ``/joint_states`` and the input topics the contract
+names exactly as the live ingest builds them (:mod:`koopman_control.bag.observations`, one-step history), so
+``obs[k]`` is what a policy of that task would see at tick ``k``; its action, the contract's joints; and the
+contract itself, which the teacher, the students and their exports carry on.
 
 Actions (``action_source``):
 
@@ -35,14 +37,15 @@ from koopman_control.bag import topics as T
 from koopman_control.bag.observations import rebuild
 from koopman_control.bag.reader import BagTopicError, RecordedRun, load_run
 from koopman_control.core.observation import NS
+from koopman_policy.contract import Contract
 
 ACTION_SOURCES = ("auto", "chunk", "next_q")
 
 
 @dataclass
 class Segment:
-    obs: np.ndarray  # (n, 20) float32
-    action: np.ndarray  # (n, 7) float32
+    obs: np.ndarray  # (n, obs_dim) float32
+    action: np.ndarray  # (n, action_dim) float32
     episode: int
     result: dict[str, Any] | None
     bag: str
@@ -76,6 +79,13 @@ def segments_from_run(run: RecordedRun, policy_rate_hz: float = 10.0, action_sou
                             "have; use --action-source next_q")
     rb = rebuild(run, 1, policy_rate_hz)
     period = round(NS / policy_rate_hz)
+    c = run.contract
+    q_names = {j: n for f in c.observation if f.kind == "joint_position" for j, n in zip(f.joints, f.names,
+                                                                                             strict=True)}
+    missing = [j for j in c.action_joints if j not in q_names]
+    if action_source == "next_q" and missing:
+        raise ValueError(f"action source next_q needs the positions of {missing} in the observation")
+    next_q = [list(rb.builder.names).index(q_names[j]) for j in c.action_joints] if not missing else []
     results = {int(r["episode"]): r for r in run.results if "episode" in r}
     chunk_stamps = np.array([c.stamp_ns for c in run.chunks], dtype=np.int64)
     timeout = round(command_timeout_s * NS)
@@ -104,7 +114,7 @@ def segments_from_run(run: RecordedRun, policy_rate_hz: float = 10.0, action_sou
         else:
             nxt = obs[k + 1] if k + 1 < len(obs) else None
             ok = nxt is not None and nxt.episode == o.episode and nxt.stamp_ns - o.stamp_ns <= 1.5 * period
-            act = nxt.history[-1][: len(run.joint_names)] if ok else None  # type: ignore[union-attr]
+            act = nxt.history[-1][next_q] if ok else None  # type: ignore[union-attr]
         if act is None:
             close()
             continue
@@ -114,14 +124,15 @@ def segments_from_run(run: RecordedRun, policy_rate_hz: float = 10.0, action_sou
     return segs, action_source
 
 
-def bags_to_dataset(bags: Sequence[str | Path], out: str | Path, *, policy_rate_hz: float = 10.0,
+def bags_to_dataset(bags: Sequence[str | Path], out: str | Path, *, contract: Contract | None = None,
                     action_source: str = "auto", min_steps: int = 2, successful_only: bool = False,
                     allow_unsorted: bool = False) -> dict[str, Any]:
-    """Convert bags into one dataset file; returns a summary (rows, episodes, sources, sha256)."""
-    from koopman_sim import gen3
+    """Convert bags of one task (``contract``, default the reach task) into one dataset file; returns a
+    summary (rows, episodes, sources, sha256)."""
+    from koopman_control.contracts import resolve_contract
     from koopman_sim.dataset import side_code, write_dataset
-    from koopman_sim.tasks.reach_obstacle import OBS_NAMES
 
+    contract = contract or resolve_contract("")
     if not bags:
         raise ValueError("no bags given")
     if min_steps < 1:
@@ -129,8 +140,8 @@ def bags_to_dataset(bags: Sequence[str | Path], out: str | Path, *, policy_rate_
     segs: list[Segment] = []
     sources: dict[str, str] = {}
     for bag in bags:
-        run = load_run(bag, joint_names=gen3.JOINT_NAMES, allow_unsorted=allow_unsorted)
-        s, used = segments_from_run(run, policy_rate_hz, action_source)
+        run = load_run(bag, contract, allow_unsorted=allow_unsorted)
+        s, used = segments_from_run(run, 1.0 / contract.control_dt, action_source)
         sources[str(bag)] = used
         segs += s
     kept = [s for s in segs if len(s.obs) >= min_steps and (not successful_only or (s.result or {}).get("success"))]
@@ -146,10 +157,10 @@ def bags_to_dataset(bags: Sequence[str | Path], out: str | Path, *, policy_rate_
         episode_success=np.array([bool((s.result or {}).get("success", False)) for s in kept]),
         episode_side=np.array([side_code((s.result or {}).get("side")) for s in kept], dtype=np.int8),
         episode_seed=np.array([int((s.result or {}).get("seed", -1)) for s in kept], dtype=np.int64),
-        task="gen3_reach_obstacle",
-        obs_names=list(OBS_NAMES),
-        action_names=list(gen3.JOINT_NAMES),
-        control_dt=1.0 / policy_rate_hz,
+        task=contract.task,
+        obs_names=list(contract.obs_names),
+        action_names=list(contract.action_names),
+        control_dt=contract.control_dt,
     )
     return {"out": str(out), "sha256": sha, "rows": int(ends[-1]), "episodes": len(kept),
             "segments_dropped": len(segs) - len(kept), "action_source": sources}

@@ -1,7 +1,8 @@
 """Policy observations rebuilt from a recorded run exactly as the state-ingest node builds them live.
 
-The recorded ``/joint_states``, ``/task/target``, ``/task/pillar`` and ``/task/episode`` messages are fed, in the
-order the ingest would have received them, through the ingest's own core
+The recorded ``/joint_states``, the task's input topics (its contract's: the reach task's ``/task/target`` and
+``/task/pillar``) and ``/task/episode`` messages are fed, in the order the ingest would have received them,
+through the ingest's own core
 (:class:`koopman_control.core.observation.StateObservationBuilder`), so the replay sees the same ticks, padding,
 gaps and episode restarts as the live policy did.
 
@@ -52,13 +53,13 @@ def _events(run: RecordedRun) -> list[tuple[int, int, int, object]]:
     early = -(2**62)
     ev: list[tuple[int, int, int, object]] = []
     latched_until: int | None = None
-    for which, msgs in (("target", run.targets), ("pillar", run.pillars)):
-        for k, (stamp, log, xyz) in enumerate(msgs):
+    for f, (which, msgs) in enumerate(run.vectors.items()):
+        for k, (stamp, log, values) in enumerate(msgs):
             at = log
             if k == 0 and stamp < first_js:
                 at = early
                 latched_until = max(latched_until or log, log)
-            ev.append((at, _TASK, k if which == "target" else 10**9 + k, (which, stamp, xyz)))
+            ev.append((at, _TASK, f * 10**9 + k, (which, stamp, values)))
     for k, (log, episode, start) in enumerate(run.episodes):
         initial = k == 0 and latched_until is not None and log <= latched_until + NS // 2
         ev.append((early if initial else log, _EPISODE, k, (episode, start)))
@@ -131,8 +132,8 @@ def rebuild(run: RecordedRun, n_obs_steps: int, policy_rate_hz: float, use_task:
         warmup = bool(len(set(live.stamps_ns.tolist())) > 1)
     else:
         warmup = anchor is not None and len(run.js_stamp_ns) > 0 and anchor > int(run.js_stamp_ns[0])
-    b = StateObservationBuilder(run.joint_names, n_obs_steps, policy_rate_hz,
-                                task_inputs={"target": 3, "pillar": 3} if use_task else None)
+    features = [f for f in run.contract.observation if f.kind != "image" and (use_task or f.kind != "vector")]
+    b = StateObservationBuilder(features, n_obs_steps, policy_rate_hz)
     first = next((o for o in run.observations if anchor is not None and int(o.stamps_ns.min()) == anchor), None)
     phase = None
     if first is not None and auto:
@@ -145,7 +146,7 @@ def rebuild(run: RecordedRun, n_obs_steps: int, policy_rate_hz: float, use_task:
         if kind == _TASK:
             which, stamp, xyz = payload  # type: ignore[misc]
             if use_task:
-                b.set_task(which, stamp, xyz)
+                b.set_vector(which, stamp, xyz)
         elif kind == _EPISODE:
             episode, start = payload  # type: ignore[misc]
             b.announce_episode(episode, start)

@@ -27,6 +27,7 @@ from koopman_control.bag import topics as T
 from koopman_control.core.chunk import ActionChunk
 from koopman_control.core.episodes import parse_episode
 from koopman_control.core.observation import NS
+from koopman_policy.contract import Contract, read_field
 
 MAX_CDR_PADDING = 16
 MCAP_MAGIC = b"\x89MCAP0\r\n"
@@ -284,9 +285,9 @@ class RecordedRun:
     js_stamp_ns: np.ndarray  # (N,) int64 header stamps, strictly increasing after validation
     js_log_ns: np.ndarray  # (N,) int64 bag receive times
     q: np.ndarray  # (N, J) float64 in joint_names order
-    qd: np.ndarray  # (N, J)
-    targets: list[tuple[int, int, np.ndarray]]  # (header stamp, log time, xyz)
-    pillars: list[tuple[int, int, np.ndarray]]
+    qd: np.ndarray  # (N, J); zeros when the bag's joint states carry no velocities
+    contract: Contract  # the observation it was read for
+    vectors: dict[str, list[tuple[int, int, np.ndarray]]]  # feature -> (stamp, log time, values)
     episodes: list[tuple[int, int, int]]  # (log time, episode id, start stamp)
     results: list[dict[str, Any]] = field(default_factory=list)
     chunks: list[ActionChunk] = field(default_factory=list)
@@ -307,12 +308,12 @@ class RecordedRun:
         return float(self.js_stamp_ns[-1] - self.js_stamp_ns[0]) / NS
 
 
-def _require(info: BagInfo, required: Sequence[str]) -> None:
-    for name, spec in T.STACK_TOPICS.items():
+def _require(info: BagInfo, required: Sequence[str], types: dict[str, str]) -> None:
+    for name, msgtype in types.items():
         t = info.topics.get(name)
-        if t is not None and t.msgtype != spec.msgtype:
-            raise BagTypeError(f"{info.path}: topic {name} has type {t.msgtype}, expected {spec.msgtype} "
-                               "(is this a bag of another robot stack?)")
+        if t is not None and t.msgtype != msgtype:
+            raise BagTypeError(f"{info.path}: topic {name} has type {t.msgtype}, expected {msgtype} "
+                               "(is this a bag of another robot stack, or of another task?)")
     missing = [n for n in required if n not in info.topics]
     if missing:
         have = ", ".join(sorted(info.topics)) or "none"
@@ -322,28 +323,30 @@ def _require(info: BagInfo, required: Sequence[str]) -> None:
         raise BagTopicError(f"{info.path}: topic(s) {', '.join(empty)} are in the bag but have no messages")
 
 
-def load_run(path: str | Path, joint_names: Sequence[str] | None = None,
-             required: Sequence[str] = (T.JOINT_STATES, T.TARGET, T.PILLAR),
-             allow_unsorted: bool = False) -> RecordedRun:
-    """Read and validate a recorded run (see the module docstring for the checks).
+def load_run(path: str | Path, contract: Contract | None = None, allow_unsorted: bool = False) -> RecordedRun:
+    """Read and validate a recorded run of a task (``contract``: its joints and inputs, default the reach task;
+    see the module docstring for the checks); its joint states and input topics must be in the bag.
 
     ``allow_unsorted`` drops samples whose header stamp does not advance (what the state ingest does live)
     instead of refusing the bag.
     """
-    if joint_names is None:
-        from koopman_sim.gen3 import JOINT_NAMES
+    from koopman_control.contracts import resolve_contract
 
-        joint_names = JOINT_NAMES
-    jn = tuple(joint_names)
+    contract = contract or resolve_contract("")
+    features = [f for f in contract.observation if f.kind != "image"]
+    jn = tuple(dict.fromkeys(j for f in features for j in f.joints))
+    needs_velocity = any(f.kind == "joint_velocity" for f in features)
+    inputs = {f"/{f.topic.lstrip('/')}": f for f in features if f.kind == "vector" and f.topic}
+    types = {n: t.msgtype for n, t in T.STACK_TOPICS.items()} | {n: f.type for n, f in inputs.items()}
     info = inspect_bag(path)
-    _require(info, required)
-    wanted = [n for n in T.STACK_TOPICS if n in info.topics and n not in (T.CAMERA, T.DIAGNOSTICS)]
+    _require(info, [T.JOINT_STATES, *inputs], types)
+    wanted = [n for n in {**T.STACK_TOPICS, **inputs} if n in info.topics and n not in (T.CAMERA, T.DIAGNOSTICS)]
     js_stamp: list[int] = []
     js_log: list[int] = []
     qs: list[np.ndarray] = []
     qds: list[np.ndarray] = []
     run = RecordedRun(info, jn, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, len(jn))),
-                      np.zeros((0, len(jn))), [], [], [])
+                      np.zeros((0, len(jn))), contract, {f.name: [] for f in inputs.values()}, [])
     counts: dict[str, int] = {}
     last_stamp: dict[str, tuple[int, int]] = {}  # topic -> (stamp, index)
     dropped: dict[str, int] = {}
@@ -386,16 +389,19 @@ def load_run(path: str | Path, joint_names: Sequence[str] | None = None,
                             raise ValueError(f"joint_states lacks {', '.join(missing)} (has {list(key)})")
                         perm = index_cache[key] = [idx[n] for n in jn]
                     pos, vel = np.asarray(msg.position, np.float64), np.asarray(msg.velocity, np.float64)
+                    if not needs_velocity and len(vel) == 0:
+                        vel = np.zeros(len(key))
                     if len(pos) != len(key) or len(vel) != len(key):
                         raise ValueError(f"{len(pos)} positions / {len(vel)} velocities for {len(key)} names")
                     js_stamp.append(stamp)
                     js_log.append(log_ns)
                     qs.append(pos[perm])
                     qds.append(vel[perm])
-                elif topic in (T.TARGET, T.PILLAR):
-                    xyz = np.array([msg.point.x, msg.point.y, msg.point.z], dtype=np.float64)
-                    (run.targets if topic == T.TARGET else run.pillars).append(
-                        (stamp_ns(msg.header.stamp), log_ns, xyz))
+                elif topic in inputs:
+                    f = inputs[topic]
+                    stamp = stamp_ns(msg.header.stamp) if f.stamped else log_ns
+                    values = np.array([read_field(msg, fld, f.wrap_center) for fld in f.fields], dtype=np.float64)
+                    run.vectors[f.name].append((stamp, log_ns, values))
                 elif topic == T.EPISODE:
                     episode = parse_episode(msg.frame_id)
                     if episode is None:
@@ -411,7 +417,7 @@ def load_run(path: str | Path, joint_names: Sequence[str] | None = None,
                 elif topic == T.ACTION_CHUNK and not len(msg.points):  # the hold command
                     run.holds.append(stamp_ns(msg.header.stamp))
                 elif topic in (T.ACTION_CHUNK, T.TEACHER_CHUNK):
-                    chunk = chunk_from_bag_msg(msg, jn)
+                    chunk = chunk_from_bag_msg(msg, contract.action_joints)
                     if not monotonic(topic, chunk.stamp_ns, i, strict=False):
                         continue
                     (run.chunks if topic == T.ACTION_CHUNK else run.teacher_chunks).append(chunk)

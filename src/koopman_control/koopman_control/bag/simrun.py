@@ -19,6 +19,7 @@ import numpy as np
 from koopman_control.bag import messages as M
 from koopman_control.bag import topics as T
 from koopman_control.bag.writer import BagSink
+from koopman_control.contracts import resolve_contract
 from koopman_control.core.chunk import ActionChunk, CommandChecks, published_points
 from koopman_control.core.episodes import Announcement, episode_label
 from koopman_control.core.observation import NS, StateObservationBuilder
@@ -65,7 +66,7 @@ def record_sim_run(out: str | Path, *, driver: str = "expert", policy: str | Non
     names = list(sim.joint_names)
     obs_names = [f"q_{n}" for n in names] + [f"qd_{n}" for n in names] + [
         "target_x", "target_y", "target_z", "pillar_x", "pillar_y", "pillar_z"]
-    builder = StateObservationBuilder(names, n_obs_steps, policy_rate_hz, task_inputs={"target": 3, "pillar": 3})
+    builder = StateObservationBuilder(resolve_contract("").observation, n_obs_steps, policy_rate_hz)
     supervisor = FallbackSupervisor(fallback_enabled=False)
     if runner is not None:
         supervisor.select(runner.is_teacher)
@@ -90,8 +91,8 @@ def record_sim_run(out: str | Path, *, driver: str = "expert", policy: str | Non
             t = e.stamp_ns + log_latency_ns - 10_000  # before that step's joint state, as the sim publishes them
             bag.write(T.TARGET, t, M.point_stamped(e.stamp_ns, e.target))
             bag.write(T.PILLAR, t + 1000, M.point_stamped(e.stamp_ns, e.pillar))
-            builder.set_task("target", e.stamp_ns, e.target)
-            builder.set_task("pillar", e.stamp_ns, e.pillar)
+            builder.set_vector("target", e.stamp_ns, e.target)
+            builder.set_vector("pillar", e.stamp_ns, e.pillar)
 
         def publish_mode(mode: Mode, t: int) -> None:
             bag.write(T.MODE, t, M.string(mode.value))

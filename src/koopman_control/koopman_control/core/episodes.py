@@ -101,12 +101,13 @@ class EpisodeSequencer:
     """
 
     def __init__(self, *, seed: int = 0, reset_delay_s: float = 0.1, start_timeout_s: float = 30.0,
-                 auto_reset: bool = True) -> None:
+                 auto_reset: bool = True, sequential_seeds: bool = False) -> None:
         if not reset_delay_s > 0:
             raise ValueError(f"reset_delay must be positive (s), got {reset_delay_s}")
         if not start_timeout_s > 0:
             raise ValueError(f"start_timeout must be positive (s), got {start_timeout_s}")
         self.seed = int(seed)
+        self.sequential_seeds = sequential_seeds
         self.reset_delay_ns = round(reset_delay_s * NS)
         self.start_timeout_ns = round(start_timeout_s * NS)
         self.auto_reset = auto_reset
@@ -119,7 +120,9 @@ class EpisodeSequencer:
         self.results: list[dict[str, Any]] = []
 
     def episode_seed(self, episode: int) -> int:
-        return self.seed * 100_003 + episode
+        """Episode k's seed: ``seed * 100003 + k``, or ``seed + k - 1`` with ``sequential_seeds`` (the seeds a
+        gym evaluation from ``seed`` uses, so both can be compared episode by episode)."""
+        return self.seed + episode - 1 if self.sequential_seeds else self.seed * 100_003 + episode
 
     def schedule(self, now_ns: int, seed: int | None = None) -> Announcement:
         """Announce the next episode to start one reset delay from now (the arm holds meanwhile)."""

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from koopman_control.core.supervisor import HEALTHY, Health
+from koopman_policy.contract import Contract
 
 
 class PolicyLoadError(ValueError):
@@ -44,41 +45,19 @@ def load_model(name_or_path: str | None, *, root: str | Path | None = None, intr
                ) -> tuple[Any, str, str]:
     """Resolve a catalogue name or path and open its ONNX export; returns (model, name, file).
 
-    ``providers`` defaults to OnnxPolicy's preference order; the nodes pass CPU only by default, because
-    for these small graphs a GPU's launch and copy overhead costs more than the compute it saves.
+    ``koopman_policy.loader.open_policy`` resolves the name once and picks the runtime from the file's metadata
+    (a one-step policy, state or camera, or a teacher's denoiser in a numpy DDIM-``teacher_steps`` loop); no torch
+    is imported. ``providers`` defaults to OnnxPolicy's preference order; the nodes pass CPU only by default,
+    because for these small graphs a GPU's launch and copy overhead costs more than the compute it saves.
     """
-    from koopman_policy.catalog import resolve_policy
-    from koopman_policy.onnx_policy import ModelLoadError, OnnxDenoiserLoop, OnnxPolicy
+    from koopman_policy.loader import open_policy
 
     try:
-        entry = resolve_policy(name_or_path or None, root=root)
-    except ValueError as err:  # UnknownPolicyError, CatalogError
+        loaded = open_policy(name_or_path or None, "onnx", root=root, providers=providers,
+                             intra_op_threads=intra_op_threads, seed=seed, teacher_steps=teacher_steps)
+    except (ValueError, RuntimeError, OSError) as err:  # catalogue and ModelLoadError; ORT raises RuntimeErrors
         raise PolicyLoadError(str(err)) from None
-    try:
-        if entry.onnx is not None and entry.onnx.is_file() and entry.inputs == "image":
-            from koopman_policy.onnx_image_policy import OnnxImagePolicy
-
-            model = OnnxImagePolicy(entry.onnx, providers=providers, intra_op_threads=intra_op_threads, seed=seed,
-                                    expected_sha256=entry.expected_sha256("onnx"))
-            return model, entry.name, str(entry.onnx)
-        if entry.onnx is not None and entry.onnx.is_file():
-            model = OnnxPolicy(entry.onnx, providers=providers, intra_op_threads=intra_op_threads, seed=seed,
-                               expected_sha256=entry.expected_sha256("onnx"))
-            return model, entry.name, str(entry.onnx)
-        if entry.onnx_denoiser is not None and entry.onnx_denoiser.is_file():
-            model = OnnxDenoiserLoop(entry.onnx_denoiser, providers=providers, intra_op_threads=intra_op_threads,
-                                     seed=seed,
-                                     expected_sha256=entry.expected_sha256("onnx_denoiser"),
-                                     sampler="ddim", num_inference_steps=teacher_steps)
-            return model, entry.name, str(entry.onnx_denoiser)
-    except ModelLoadError as err:
-        raise PolicyLoadError(f"policy {entry.name!r}: {err}") from None
-    except (ValueError, RuntimeError, OSError) as err:  # onnxruntime raises plain RuntimeError subclasses
-        raise PolicyLoadError(f"policy {entry.name!r}: cannot load: {err}") from None
-    wanted = entry.onnx or entry.onnx_denoiser
-    raise PolicyLoadError(
-        f"policy {entry.name!r}: ONNX file {wanted} does not exist (export it with `koopman-distill export`)"
-    )
+    return loaded.model, loaded.name, str(loaded.source)
 
 
 NOISE_PER = ("decision", "episode")
@@ -131,15 +110,21 @@ class PolicyRunner:
                    noise_per=noise_per)
 
     # -- interface checks ----------------------------------------------------------------------------------
-    def check_interface(self, obs_names: Sequence[str], action_names: Sequence[str], history_steps: int) -> None:
-        """Raise PolicyLoadError unless the model reads these observations and drives these joints."""
-        m = self.meta
-        missing = [n for n in m.obs_names if n not in obs_names]
+    def check_contract(self, served: Contract, history_steps: int) -> None:
+        """Raise PolicyLoadError unless the stack serving ``served`` can feed this model and drive its joints:
+        every observation feature it needs from the same source, the same action joints (in order)."""
+        mine = getattr(self.meta, "contract", None)
+        if mine is None:
+            raise PolicyLoadError(f"policy {self.name!r} carries no observation and action contract: re-export "
+                                  "it from its checkpoint (koopman-distill export --checkpoint DIR)")
+        missing = mine.missing_from(served)
         if missing:
-            raise PolicyLoadError(f"policy {self.name!r} needs observations the stack does not provide: {missing}")
-        if list(m.action_names) != list(action_names):
-            raise PolicyLoadError(
-                f"policy {self.name!r} drives {list(m.action_names)}, the arm has {list(action_names)}")
+            raise PolicyLoadError(f"policy {self.name!r} (task {mine.task}) needs what this stack (task "
+                                  f"{served.task}) does not serve: " + "; ".join(missing))
+        if mine.action_joints != served.action_joints:
+            raise PolicyLoadError(f"policy {self.name!r} drives {list(mine.action_joints)}, the robot takes "
+                                  f"{list(served.action_joints)}")
+        m = self.meta
         if m.n_obs_steps > history_steps:
             raise PolicyLoadError(
                 f"policy {self.name!r} needs {m.n_obs_steps} observation steps, the ingest provides {history_steps}")

@@ -35,9 +35,9 @@ class KortexApiMissingError(ImportError):
 def load_api(backend: str) -> SimpleNamespace:
     """Module objects for ``backend`` ('kortex' or 'standin'); raises ValueError / KortexApiMissingError."""
     if backend == "standin":
-        from koopman_control.kortex import standin
+        from koopman_control.kortex.standin.api import api_namespace
 
-        return standin.api_namespace()
+        return api_namespace()
     if backend != "kortex":
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     # kortex_api 2.6 still uses collections.MutableMapping (moved to collections.abc in Python 3.10).

@@ -43,6 +43,7 @@ name when it was left empty).
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import dataclass, field, fields
@@ -58,6 +59,7 @@ from std_msgs.msg import String
 from trajectory_msgs.msg import JointTrajectory
 
 from koopman_control import topics
+from koopman_control.contracts import resolve_contract
 from koopman_control.core.chunk import published_points
 from koopman_control.core.clock import NS
 from koopman_control.core.episodes import episode_label, parse_episode
@@ -66,9 +68,14 @@ from koopman_control.core.policy_runner import PolicyLoadError, PolicyRunner
 from koopman_control.core.stats import RateMeter, SampleStats
 from koopman_control.core.supervisor import FallbackSupervisor, Mode
 from koopman_control.ros import convert, qos
-from koopman_control.ros.base import ERROR, OK, WARN, KoopmanNode, remap_args, run_node
+from koopman_control.ros.base import ERROR, OK, WARN, KoopmanNode, ParameterError, remap_args, run_node
+from koopman_policy.contract import ContractError
 
 NAME = "policy"
+# Measured through the sim node with 10 Hz plans of dkoopman (about 150 s each): points held until the next one
+# (zoh) 33 of 34 episodes; interpolated linearly 15 of 26, and 26 of 29 / 23 of 28 with every point half a
+# period earlier / later; linearly with hold_points (each point sent twice) 32 of 32.
+HOLD_EDGE_S = 0.001
 
 
 def load_runner(node: KoopmanNode, name: str) -> PolicyRunner:
@@ -136,10 +143,10 @@ class PolicyStats:
 class PolicyNode(KoopmanNode):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(NAME, **kwargs)
-        from koopman_sim.gen3 import JOINT_NAMES
-        from koopman_sim.tasks.reach_obstacle import OBS_NAMES
-
         self.declare("policy", "", "catalogue name or path of the policy to run ('' = catalogue default)")
+        self.declare("contract", "", "what the stack serves: a contract (JSON), a task file or a built-in task "
+                                     "('' = gen3_reach_obstacle); a policy it cannot feed is refused",
+                     read_only=True)
         self.declare("catalog_root", "", "directory holding config/policies.yaml ('' = search)", read_only=True)
         self.declare("policy_rate", 10.0, "control rate (Hz): ticks, deadline and missed-tick accounting")
         self.declare("deadline_ms", 0.0, "time budget of one student call (ms); 0 = 80 % of a policy period")
@@ -158,10 +165,15 @@ class PolicyNode(KoopmanNode):
                                          "n_action_steps, 1 = a new plan every tick)")
         self.realtime_priority = self.declare("realtime_priority", 0, "SCHED_FIFO priority of the control "
                                                                       "thread (0 = normal)", read_only=True)
+        self.declare("hold_points", False, "send each plan point twice, held until the next is due, for "
+                                           "controllers that interpolate linearly (joint_trajectory_controller)")
         self.declare("max_image_age", 0.25, "camera policies: the newest image observation of the same episode "
                                              "serves a tick when its stamp is at most this far (s) from the tick's")
-        self.obs_names = list(OBS_NAMES)
-        self.joint_names = list(JOINT_NAMES)
+        try:
+            self.served = resolve_contract(self.param("contract"))
+        except ContractError as err:
+            raise ParameterError(str(err)) from None
+        self.joint_names = list(self.served.action_joints)
         self.period_ns = round(NS / self.param("policy_rate"))
         self.supervisor = FallbackSupervisor(self.param("teacher_fallback"), self.param("recover_ticks"))
         self.stats = PolicyStats(tick_rate=RateMeter(self.param("policy_rate")))
@@ -199,7 +211,8 @@ class PolicyNode(KoopmanNode):
         # Control path on its own node/executor thread (see module docstring). It takes the process's topic
         # remappings explicitly: global arguments would also rename it to this node's name.
         self.control = Node(f"{self.get_name()}_control", context=self.context, namespace=self.get_namespace(),
-                            use_global_arguments=False, cli_args=remap_args(self.get_name()),
+                            use_global_arguments=False,
+                            cli_args=remap_args(self.get_name(), [*self.cli_args, *sys.argv]),
                             start_parameter_services=False)
         self.companions.append(self.control)
         self.chunk_pub = self.control.create_publisher(JointTrajectory, topics.ACTION_CHUNK, qos.CONTROL)
@@ -228,7 +241,7 @@ class PolicyNode(KoopmanNode):
             self._naming = False
 
     def _validate(self, runner: PolicyRunner) -> None:
-        runner.check_interface(self.obs_names, self.joint_names, self.param("history_steps"))
+        runner.check_contract(self.served, self.param("history_steps"))
         hist, names = probe_input(runner, self._last_obs)
         median_s = runner.probe(hist, names, image=self._image[2] if self._image is not None else None)
         deadline = self.deadline_ns() / 1e9
@@ -472,6 +485,12 @@ class PolicyNode(KoopmanNode):
 
     def _publish_points(self, stamp: int, episode: int, offsets: np.ndarray, points: np.ndarray) -> None:
         """The plan from the present instant on, stamped with the present observation and its episode."""
+        if self.param("hold_points") and len(points) > 1:
+            # Each point held until the next one is due (a waypoint again 1 ms before it): a controller that
+            # interpolates linearly between waypoints then executes the plan as the policies were trained.
+            offsets = np.repeat(offsets, 2)[:-1]
+            offsets[1::2] = offsets[2::2] - HOLD_EDGE_S
+            points = np.repeat(points, 2, axis=0)[:-1]
         self.chunk_pub.publish(convert.chunk_msg(stamp, self.joint_names, offsets, points, episode_label(episode)))
         student = self.supervisor.mode is Mode.STUDENT
         self._sent(stamp, self.stats.student_latency if student else self.stats.teacher_latency)

@@ -1,14 +1,15 @@
-"""MuJoCo Gen3 reach-obstacle task as a robot on ROS topics.
+"""A simulated task as a robot on ROS topics: the Gen3 reach task (MuJoCo) or Push-T's pusher (``task``).
 
-Publishes ``/joint_states`` at the feedback rate from a real-time thread; episode announcements (latched
+Publishes ``joint_states`` at the feedback rate from a real-time thread; episode announcements (latched
 ``std_msgs/Header``: ``stamp`` = the episode's start, ``frame_id`` = ``episode_<id>``, published one
-``reset_delay`` ahead, see :mod:`koopman_control.core.episodes`); the task's target and pillar (latched
-``geometry_msgs/PointStamped`` stamped with the episode's start); episode results (``std_msgs/String``,
-JSON) and, when enabled, camera frames rendered offscreen on their own thread. Executes
-``/policy/action_chunk`` (``trajectory_msgs/JointTrajectory``) after the arm's own command checks
-(:class:`~koopman_control.core.chunk.CommandChecks`, the bridge's values from ``config/kinova.yaml``): what
-the sim accepts is what the arm would. A trajectory without points holds the arm where it is. The Kinova
-bridge offers the same topics, so the two are interchangeable.
+``reset_delay`` ahead, see :mod:`koopman_control.core.episodes`); the task's other inputs on the topics its
+contract names (``koopman_sim/tasks/<task>.yaml``: the reach target and pillar, latched and stamped with the
+episode's start; Push-T's block pose with every joint sample, stamped like it); episode results
+(``std_msgs/String``, JSON) and, when enabled, Gen3 camera frames rendered offscreen on their own thread.
+Executes ``policy/action_chunk`` (``trajectory_msgs/JointTrajectory``) after the robot's own command checks
+(:class:`~koopman_control.core.chunk.CommandChecks`; for the Gen3 the bridge's values from
+``config/kinova.yaml``): what the sim accepts is what the arm would. A trajectory without points holds the
+robot where it is. The Kinova bridge offers the same topics, so the two are interchangeable.
 """
 
 from __future__ import annotations
@@ -18,19 +19,21 @@ import threading
 import time
 from typing import Any
 
-from geometry_msgs.msg import PointStamped
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Header, String
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
 from koopman_control import topics
+from koopman_control.contracts import resolve_contract
 from koopman_control.core.chunk import CommandChecks
 from koopman_control.core.episodes import Announcement, episode_label
 from koopman_control.core.realtime import PeriodicLoop
-from koopman_control.core.sim_driver import EpisodeStart, SimDriver, result_line
+from koopman_control.core.sim_driver import SimDriver, result_line
+from koopman_control.core.sim_tasks import make_task
 from koopman_control.ros import convert, qos
 from koopman_control.ros.base import ERROR, OK, WARN, KoopmanNode, ParameterError, run_node
+from koopman_policy.contract import ContractError
 
 NAME = "sim"
 
@@ -41,10 +44,17 @@ class SimNode(KoopmanNode):
         from koopman_sim import gen3
 
         p = {
-            "feedback_rate": self.declare("feedback_rate", 500.0, "joint_states rate (Hz), up to 1000"),
-            "physics_dt": self.declare("physics_dt", 0.002, "MuJoCo step (s); never coarser than 1/feedback_rate"),
-            "time_limit": self.declare("time_limit", 8.0, "episode time limit (s), from the first accepted chunk"),
+            "task": self.declare("task", "gen3_reach_obstacle", "the task to simulate: gen3_reach_obstacle | pusht",
+                                 read_only=True),
+            "feedback_rate": self.declare("feedback_rate", 0.0, "joint_states rate (Hz), up to 1000; 0 = the task's "
+                                                                "(500 Hz Gen3, 100 Hz Push-T)"),
+            "physics_dt": self.declare("physics_dt", 0.002, "Gen3: MuJoCo step (s)"),
+            "time_limit": self.declare("time_limit", 0.0, "episode time limit (s), from the first accepted chunk; "
+                                                          "0 = the task's (8 s Gen3, 30 s Push-T)"),
             "seed": self.declare("seed", 0, "base seed of the episode sampler"),
+            "sequential_seeds": self.declare("sequential_seeds", False, "episode k uses seed + k - 1 (the gym "
+                                                                        "evaluation's seeds) instead of "
+                                                                        "seed * 100003 + k"),
             "auto_reset": self.declare("auto_reset", True, "start a new episode after success/collision/timeout"),
             "reset_delay": self.declare("reset_delay", 0.1, "an episode is announced this long before the arm is "
                                                             "reset to it (s)"),
@@ -71,23 +81,29 @@ class SimNode(KoopmanNode):
                                                  "(rad), as the arm's"),
         }
         self.realtime_priority = p["realtime_priority"]
-        if not 0 < p["feedback_rate"] <= 1000:
-            raise ParameterError(f"feedback_rate must be in (0, 1000] Hz, got {p['feedback_rate']}")
         self.p = p
         try:
-            checks = CommandChecks(p["position_lower"], p["position_upper"], watchdog_timeout=p["watchdog_timeout"],
-                                   max_start_deviation=p["max_start_deviation"],
-                                   max_chunk_age=p["max_chunk_age"], interpolation=p["interpolation"])
+            self.contract = resolve_contract(p["task"])
+            task = make_task(p["task"], physics_dt=p["physics_dt"], time_limit=p["time_limit"],
+                             model_path=p["model_path"] or None)
+            checks = None if task.own_checks() is not None else CommandChecks(
+                p["position_lower"], p["position_upper"], watchdog_timeout=p["watchdog_timeout"],
+                max_start_deviation=p["max_start_deviation"], max_chunk_age=p["max_chunk_age"],
+                interpolation=p["interpolation"])
             self.driver = SimDriver(
-                checks, feedback_rate_hz=p["feedback_rate"], physics_dt=p["physics_dt"],
-                time_limit=p["time_limit"], seed=p["seed"], auto_reset=p["auto_reset"],
-                reset_delay_s=p["reset_delay"], start_timeout_s=p["start_timeout"], model_path=p["model_path"] or None)
-        except (ValueError, FileNotFoundError) as err:
+                task, checks, feedback_rate_hz=p["feedback_rate"], seed=p["seed"],
+                sequential_seeds=p["sequential_seeds"], auto_reset=p["auto_reset"], reset_delay_s=p["reset_delay"],
+                start_timeout_s=p["start_timeout"])
+        except (ValueError, FileNotFoundError, ContractError) as err:
             raise ParameterError(str(err)) from None
+        if p["publish_camera"] and not hasattr(task, "arm"):
+            raise ParameterError(f"task {p['task']} has no camera to render")
         self.joint_names = list(self.driver.joint_names)
         self.js_pub = self.create_publisher(JointState, topics.JOINT_STATES, qos.SENSOR_PUB)
-        self.target_pub = self.create_publisher(PointStamped, topics.TARGET, qos.LATCHED)
-        self.pillar_pub = self.create_publisher(PointStamped, topics.PILLAR, qos.LATCHED)
+        # The task's other inputs, on the topics its contract names.
+        self.input_pubs = {f.name: (f, self.create_publisher(convert.message_class(f.type), f.topic,
+                                                             qos.LATCHED if f.scope == "episode" else qos.SENSOR_PUB))
+                           for f in self.contract.observation if f.kind == "vector" and f.topic}
         self.episode_pub = self.create_publisher(Header, topics.EPISODE, qos.LATCHED)
         self.result_pub = self.create_publisher(String, topics.EPISODE_RESULT, qos.EVENTS)
         self.image_pub = self.create_publisher(Image, topics.CAMERA, qos.SENSOR_PUB) \
@@ -95,7 +111,7 @@ class SimNode(KoopmanNode):
         self.create_subscription(JointTrajectory, topics.ACTION_CHUNK, self._on_chunk, qos.CONTROL)
         self.create_service(Trigger, "~/reset_episode", self._on_reset)
         self.add_on_set_parameters_callback(self._on_params)
-        self.loop = PeriodicLoop(p["feedback_rate"], self._cycle, name="sim-physics",
+        self.loop = PeriodicLoop(1.0 / self.driver.feedback_period, self._cycle, name="sim-physics",
                                  priority=p["realtime_priority"])
         self._camera_stop = threading.Event()
         self._camera_thread: threading.Thread | None = None
@@ -126,8 +142,10 @@ class SimNode(KoopmanNode):
         now = self._now()
         st = self.driver.sample(now)
         if st.started is not None:  # before the sample: the task inputs of the episode this sample begins
-            self._publish_task(st.started)
+            self._publish_inputs(st.stamp_ns, st.started.inputs)
         self.js_pub.publish(convert.joint_state(st.stamp_ns, self.joint_names, st.q, st.qd))
+        if st.streams:
+            self._publish_inputs(st.stamp_ns, st.streams)
         result, announced = self.driver.advance(now, skipped)
         if result is not None:
             self.result_pub.publish(String(data=json.dumps(result)))
@@ -140,14 +158,12 @@ class SimNode(KoopmanNode):
         msg.stamp = convert.to_time(ann.start_ns)
         self.episode_pub.publish(msg)
 
-    def _publish_task(self, ep: EpisodeStart) -> None:
-        """Target and pillar, stamped with the episode's start: the ingest takes them for this episode only."""
-        for pub, xyz in ((self.target_pub, ep.target), (self.pillar_pub, ep.pillar)):
-            msg = PointStamped()
-            msg.header.stamp = convert.to_time(ep.stamp_ns)
-            msg.header.frame_id = self.p["frame_id"]
-            msg.point.x, msg.point.y, msg.point.z = (float(v) for v in xyz)
-            pub.publish(msg)
+    def _publish_inputs(self, stamp_ns: int, values: dict[str, Any]) -> None:
+        """Task inputs on their contract's topics, stamped like the sample they belong to (an episode's fixed
+        inputs with its first sample: the ingest takes them for that episode only)."""
+        for name, v in values.items():
+            f, pub = self.input_pubs[name]
+            pub.publish(convert.vector_msg(f, stamp_ns, v, self.p["frame_id"]))
 
     # -- commands --------------------------------------------------------------------------------------------
     def _on_chunk(self, msg: JointTrajectory) -> None:
@@ -193,7 +209,7 @@ class SimNode(KoopmanNode):
 
         from koopman_control.core.stats import RateMeter
 
-        model = self.driver.arm.model
+        model = self.driver.task.arm.model  # type: ignore[attr-defined]
         data = mujoco.MjData(model)
         try:
             renderer = mujoco.Renderer(model, self.p["camera_height"], self.p["camera_width"])

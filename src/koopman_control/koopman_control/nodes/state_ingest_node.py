@@ -1,4 +1,8 @@
-"""``/joint_states`` + task topics -> time-stamped policy observations on ``/policy/observation``.
+"""``joint_states`` + the contract's other sources -> time-stamped policy observations on ``policy/observation``.
+
+What it builds is the observation contract it is given (``contract``: the running model's, a task file or a
+built-in task; :mod:`koopman_policy.contract`): joint positions and velocities from ``joint_states``, vectors
+from the topics (or parameters) the contract names, each checked on arrival.
 
 Observations are emitted when a joint-state sample crosses a policy tick (see
 :mod:`koopman_control.core.observation`), as ``trajectory_msgs/JointTrajectory``: ``joint_names`` are the
@@ -14,82 +18,76 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-from geometry_msgs.msg import PointStamped
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Header
 from trajectory_msgs.msg import JointTrajectory
 
 from koopman_control import topics
+from koopman_control.contracts import joint_bounds, resolve_contract
 from koopman_control.core.episodes import episode_label, parse_episode
 from koopman_control.core.observation import InputStatus, JointBounds, StateObservationBuilder
 from koopman_control.core.stats import SampleStats
 from koopman_control.ros import convert, qos
 from koopman_control.ros.base import ERROR, OK, WARN, KoopmanNode, ParameterError, run_node
+from koopman_policy.contract import ContractError
 
 NAME = "state_ingest"
-
-
-def task_obs_names(joint_names: list[str]) -> list[str]:
-    """The task's observation names (koopman_sim OBS_NAMES) for these joints."""
-    return ([f"q_{n}" for n in joint_names] + [f"qd_{n}" for n in joint_names]
-            + ["target_x", "target_y", "target_z", "pillar_x", "pillar_y", "pillar_z"])
 
 
 class StateIngestNode(KoopmanNode):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(NAME, **kwargs)
-        from koopman_sim import gen3
-
         p = {
+            "contract": self.declare("contract", "", "what to build: a model's contract (JSON), a task file or a "
+                                                     "built-in task ('' = gen3_reach_obstacle)", read_only=True),
             "policy_rate": self.declare("policy_rate", 10.0, "observation rate (Hz) = the policy's control rate"),
             "n_obs_steps": self.declare("n_obs_steps", 2, "history length (steps)"),
             "history_period": self.declare("history_period", 0.0, "time between history steps (s): the policies' "
                                                                   "control period; 0 = one policy period"),
             "max_state_age": self.declare("max_state_age", 0.05, "joint states older than this are stale (s)"),
-            "joint_names": self.declare("joint_names", list(gen3.JOINT_NAMES), "joints, in observation order"),
-            "use_task": self.declare("use_task", True, "append the task target and pillar (20-d task obs)"),
             "watchdog_rate": self.declare("watchdog_rate", 50.0, "staleness check rate (Hz)"),
             "realtime_priority": self.declare("realtime_priority", 0, "SCHED_FIFO priority of the executor "
                                                                       "thread (0 = normal)"),
-            "position_lower": self.declare_array("position_lower", list(gen3.JOINT_LOWER), "joint limits (rad): "
-                                                 "samples beyond them by position_margin are refused"),
-            "position_upper": self.declare_array("position_upper", list(gen3.JOINT_UPPER), "joint limits (rad)"),
-            "velocity_limits": self.declare_array("velocity_limits", list(gen3.VELOCITY_LIMITS),
-                                                  "rated joint speeds (rad/s)"),
-            "position_margin": self.declare("position_margin", 0.1, "tolerance beyond the joint limits (rad)"),
+            "position_margin": self.declare("position_margin", 0.1, "tolerance beyond the joint limits"),
             "speed_factor": self.declare("speed_factor", 3.0, "samples faster than this many times the rated speed "
                                                               "(or jumping as far) are refused"),
             "step_tolerance": self.declare("step_tolerance", 0.05, "a step between samples may exceed what that "
-                                                                   "speed covers by this much (rad): stamp jitter"),
+                                                                   "speed covers by this much: stamp jitter"),
         }
         self.realtime_priority = p["realtime_priority"]
         self.p = p
         try:
-            bounds = JointBounds(np.array(p["position_lower"]), np.array(p["position_upper"]),
-                                 np.array(p["velocity_limits"]), p["position_margin"], p["speed_factor"],
-                                 p["step_tolerance"])
-            self.builder = StateObservationBuilder(p["joint_names"], p["n_obs_steps"], p["policy_rate"],
-                                                   p["max_state_age"],
-                                                   task_inputs={"target": 3, "pillar": 3} if p["use_task"] else {},
+            self.contract = resolve_contract(p["contract"])
+            features = [f for f in self.contract.observation if f.kind != "image"]
+            joints = [j for f in features for j in f.joints]
+            lower, upper, speed = joint_bounds(list(dict.fromkeys(joints)), features)
+            bounds = JointBounds(lower, upper, speed, p["position_margin"], p["speed_factor"], p["step_tolerance"])
+            self.builder = StateObservationBuilder(features, p["n_obs_steps"], p["policy_rate"], p["max_state_age"],
                                                    history_spacing_s=p["history_period"] or None, bounds=bounds)
-        except ValueError as err:
+        except (ValueError, ContractError) as err:
             raise ParameterError(str(err)) from None
-        names = task_obs_names(p["joint_names"])
-        self.obs_names = names if p["use_task"] else names[: 2 * len(p["joint_names"])]
+        self.obs_names = list(self.builder.names)
         self.obs_pub = self.create_publisher(JointTrajectory, topics.OBSERVATION, qos.CONTROL)
-        # Episode and task subscriptions are created before /joint_states: when several are ready in one
-        # wait, the executor serves them first. (Correctness does not depend on it: samples and task inputs
-        # are assigned to episodes by their stamps.)
+        # Episode and input subscriptions are created before joint_states: when several are ready in one
+        # wait, the executor serves them first. (Correctness does not depend on it: samples and inputs are
+        # assigned to episodes by their stamps.)
         self.create_subscription(Header, topics.EPISODE, self._on_episode, qos.LATCHED)
-        self.create_subscription(PointStamped, topics.TARGET, lambda m: self._on_point("target", m), qos.LATCHED)
-        self.create_subscription(PointStamped, topics.PILLAR, lambda m: self._on_point("pillar", m), qos.LATCHED)
+        for f in features:
+            if f.kind == "vector" and f.topic is not None:
+                try:
+                    cls = convert.message_class(f.type)
+                except ValueError as err:
+                    raise ParameterError(f"feature {f.name}: {err}") from None
+                self.create_subscription(cls, f.topic, lambda m, f=f: self._on_vector(f, m),
+                                         qos.LATCHED if f.scope == "episode" else qos.SENSOR_SUB)
         self.create_subscription(JointState, topics.JOINT_STATES, self._on_joint_state, qos.SENSOR_SUB)
         self.create_timer(1.0 / p["watchdog_rate"], self._watchdog)
         self._last_reported = InputStatus.WAITING
         self.sample_age = SampleStats()  # ms, tick sample's stamp -> received here (the sensor's hop)
         self.publish_delay = SampleStats()  # ms, tick sample's stamp -> observation published
         self.start_diagnostics()
+        self.get_logger().info(f"building {len(self.obs_names)} observation values of task {self.contract.task!r}: "
+                               + "; ".join(f"{f.name} from {f.source()}" for f in features))
 
     def control_path(self) -> list:
         return [self]
@@ -97,10 +95,14 @@ class StateIngestNode(KoopmanNode):
     def _now(self) -> int:
         return self.get_clock().now().nanoseconds
 
-    def _on_point(self, name: str, msg: PointStamped) -> None:
-        if not self.builder.task_dims:
+    def _on_vector(self, feature: Any, msg: Any) -> None:
+        now = self._now()
+        try:
+            stamp, values = convert.vector_from_msg(msg, feature, now)
+        except ValueError as err:
+            self.fault(f"{feature.name} unreadable", f"{feature.name} from {feature.source()}: {err}", "error")
             return
-        self.builder.set_task(name, convert.from_time(msg.header.stamp), (msg.point.x, msg.point.y, msg.point.z))
+        self._publish(self.builder.set_vector(feature.name, stamp, values, now), now)
         self._report()
 
     def _on_episode(self, msg: Header) -> None:
@@ -115,11 +117,15 @@ class StateIngestNode(KoopmanNode):
         now = self._now()
         obs = self.builder.on_joint_state(msg.name, msg.position, msg.velocity, convert.from_time(msg.header.stamp),
                                           now)
-        if obs is not None:
-            self.obs_pub.publish(convert.observation_msg(obs, self.obs_names, frame_id=episode_label(obs.episode)))
-            self.sample_age.add((now - obs.stamp_ns) / 1e6)
-            self.publish_delay.add((self._now() - obs.stamp_ns) / 1e6)
+        self._publish(obs, now)
         self._report()
+
+    def _publish(self, obs: Any, rx_ns: int) -> None:
+        if obs is None:
+            return
+        self.obs_pub.publish(convert.observation_msg(obs, self.obs_names, frame_id=episode_label(obs.episode)))
+        self.sample_age.add((rx_ns - obs.stamp_ns) / 1e6)
+        self.publish_delay.add((self._now() - obs.stamp_ns) / 1e6)
 
     def _watchdog(self) -> None:
         self.builder.check(self._now())

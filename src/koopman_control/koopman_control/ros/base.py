@@ -115,9 +115,9 @@ def settle_heap() -> None:
 
 
 def remap_args(node_name: str, argv: Sequence[str] | None = None) -> list[str]:
-    """The topic remappings of this process's ``--ros-args`` (``-r from:=to``, or ``node:from:=to`` for
-    ``node_name``), for a companion node that cannot use the global arguments (they would also give it the main
-    node's name). Node-name and namespace rules (``__node``, ``__ns``) are left out."""
+    """The topic remappings of ``argv`` (default: this process's) ``--ros-args`` (``-r from:=to``, or
+    ``node:from:=to`` for ``node_name``), for a companion node that cannot use the global arguments (they would
+    also give it the main node's name). Node-name and namespace rules (``__node``, ``__ns``) are left out."""
     args = list(sys.argv if argv is None else argv)
     out: list[str] = []
     inside = False
@@ -182,6 +182,7 @@ class KoopmanNode(Node):
                  parameter_overrides: list[Parameter] | None = None, **kwargs: Any) -> None:
         super().__init__(node_name or default_name, context=context, parameter_overrides=parameter_overrides,
                          **kwargs)
+        self.cli_args = list(kwargs.get("cli_args") or [])  # in-process remappings (the bringup's)
         self._defaults: dict[str, Any] = {}
         self.companions: list[Node] = []
         self.realtime_priority = 0  # for this node's executor threads; set by nodes that declare the parameter

@@ -17,6 +17,53 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 from koopman_control.core.chunk import ActionChunk
 from koopman_control.core.episodes import parse_episode
 from koopman_control.core.observation import NS, Observation
+from koopman_policy.contract import Feature, read_field
+
+
+def message_class(type_name: str) -> type:
+    """The rclpy class of a ROS type name such as ``geometry_msgs/msg/PoseStamped``."""
+    import importlib
+
+    pkg, kind, name = type_name.split("/")
+    try:
+        return getattr(importlib.import_module(f"{pkg}.{kind}"), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"message type {type_name} is not available here: {err}") from None
+
+
+def vector_from_msg(msg: object, feature: Feature, rx_ns: int) -> tuple[int, np.ndarray]:
+    """(stamp, values) of a vector feature's message: the header stamp, or the receive time without one."""
+    stamp = from_time(msg.header.stamp) if feature.stamped else rx_ns  # type: ignore[attr-defined]
+    return stamp, np.array([read_field(msg, f, feature.wrap_center) for f in feature.fields], dtype=np.float64)
+
+
+def vector_msg(feature: Feature, stamp_ns: int, values: Sequence[float], frame_id: str = "") -> object:
+    """A message of the feature's type carrying ``values`` in its fields (the sim publishes task inputs so)."""
+    msg = message_class(feature.type)()
+    if feature.stamped:
+        msg.header.stamp = to_time(stamp_ns)  # type: ignore[attr-defined]
+        msg.header.frame_id = frame_id  # type: ignore[attr-defined]
+    for path, v in zip(feature.fields, values, strict=True):
+        if path == "yaw":
+            pose = getattr(msg, "pose", msg)
+            if hasattr(pose, "theta"):
+                pose.theta = float(v)
+            else:
+                pose.orientation.z, pose.orientation.w = float(np.sin(v / 2)), float(np.cos(v / 2))
+            continue
+        *parents, leaf = path.split(".")
+        obj = msg
+        for p in parents:
+            obj = getattr(obj, p)
+        if "[" in leaf:  # an array element, e.g. data[2]
+            name, index = leaf[:-1].split("[")
+            arr = list(getattr(obj, name))
+            arr += [0.0] * (int(index) + 1 - len(arr))
+            arr[int(index)] = float(v)
+            setattr(obj, name, arr)
+        else:
+            setattr(obj, leaf, float(v))
+    return msg
 
 
 def to_time(ns: int) -> Time:
