@@ -30,7 +30,7 @@ lint: setup
 	$(VENV)/bin/ruff check src test launch
 
 bench: setup
-	$(VENV)/bin/koopman-distill bench --task gen3_reach_obstacle --json models/bench_gen3.json
+	$(VENV)/bin/koopman-distill bench --task gen3_reach_obstacle --json results/bench_gen3.json
 
 # The whole offline pipeline that produced models/: demonstrations, teacher, teacher trajectories,
 # every student, ONNX export, closed-loop evaluation and the latency benchmark.
@@ -44,30 +44,23 @@ models: setup
 	$(KD) teacher --data $(DATA)/gen3_demos.h5 --out models/gen3_teacher --steps 6000
 	$(KD) teacher-data --teacher models/gen3_teacher --data $(DATA)/gen3_demos.h5 \
 		--out $(DATA)/gen3_teacher_data.h5 --steps 10 --draws 2
-	# cd learns its one-step map through consistency with its own later points, which takes longer: chunk MSE to
-	# the teacher 0.0017 after 8000 steps, 0.0011 after 16000, 0.0007 after 32000 (success 0.57 and 0.83).
+	# cd trains 32000 steps (docs/experiments.md, "Choices in make models").
 	for m in $(STUDENTS); do steps=8000; if [ $$m = cd ]; then steps=32000; fi; \
 		$(KD) student --method $$m --teacher models/gen3_teacher --teacher-data $(DATA)/gen3_teacher_data.h5 \
 			--out models/gen3_$$m --steps $$steps || exit 1; done
 	for m in teacher $(STUDENTS); do $(KD) export --checkpoint models/gen3_$$m || exit 1; done
-	# The OOD thresholds calibrated on the teacher's open-loop data (dkoopman 0.004, kdm 0.0085) trip in
-	# closed loop, where 20 successful gym episodes reached per-tick scores of 0.014 and 0.013: 0.03 keeps a
-	# 2x margin over those.
+	# OOD threshold 0.03 for closed loop (docs/experiments.md, "Choices in make models").
 	for m in kdm dkoopman; do $(KD) export --checkpoint models/gen3_$$m --ood-threshold 0.03 || exit 1; done
 	$(KD) eval --policies teacher,teacher_ddim10,$(shell echo $(STUDENTS) | tr ' ' ',') --episodes 100 \
-		--json models/eval_gen3.json --update-cards
-	$(KD) bench --task gen3_reach_obstacle --json models/bench_gen3.json
+		--json results/eval_gen3.json --update-cards
+	$(KD) bench --task gen3_reach_obstacle --json results/bench_gen3.json
 
 # Push-T (gym-pusht, state observations): the same teacher and students, trained on the scripted pusher's
 # successful episodes out of 300, evaluated over 50 seeded episodes; results_table joins both tasks.
-# The students distil DDIM-30 (0.68 mean max coverage against DDIM-10's 0.57 on the evaluation seeds), on the
-# demonstrations' histories and on those the DDIM-10 teacher meets in 200 closed-loop episodes (seeds 5000-5199).
-# Width 512 (256: oneflow 0.38 against 0.46 at 512 on the same data, 0.29 on DDIM-10 data). oneflow is the
-# teacher's U-Net started from the teacher's weights (MLP 0.50 after 36000 steps; U-Net 0.57 after 8000, 0.52
-# from random weights), weighs its terminal step, the one-step query, 4 times (MLP: 0.51 against 0.46 at
-# weight 1) and trains 16000 steps, about 22 passes over the data (the paper: about 20 epochs). The shipped oneflow
-# then learns in one call what that student does in three (refine_steps=2 at progress 0.7: the student's end point
-# put back on the teacher's path and jumped from again, twice; chosen on seeds 2000-2199, students/oneflow.py).
+# The students distil DDIM-30 trajectories at the demonstrations' histories and at those the DDIM-10 teacher meets
+# in 200 closed-loop episodes (seeds 5000-5199), 512 wide; oneflow is the teacher's U-Net started from its weights,
+# then refined to its own three-call chunk (students/oneflow.py). Each choice and the runs that decided it:
+# docs/experiments.md, "Push-T".
 PUSHT_TEACHER_DATA := --teacher models/pusht_teacher --teacher-data $(DATA)/pusht_teacher_data.h5
 PUSHT_STUDENT := $(KD) student $(PUSHT_TEACHER_DATA) --set hidden_dim=512
 models-pusht: setup
@@ -88,45 +81,51 @@ models-pusht: setup
 	$(KD) export --checkpoint models/pusht_teacher --teacher-steps 30
 	for m in $(STUDENTS); do $(KD) export --checkpoint models/pusht_$$m || exit 1; done
 	$(KD) eval --task pusht --policies pusht_teacher,pusht_kdm,pusht_dkoopman,pusht_oneflow,pusht_cd,pusht_bc \
-		--episodes 50 --json models/eval_pusht.json --update-cards
+		--episodes 50 --json results/eval_pusht.json --update-cards
 	# The DDIM-30 teacher (its unrolled ONNX graph), the sampler whose trajectories the students distil.
 	$(KD) eval --task pusht --policies pusht_teacher --backend onnx --episodes 50 \
-		--json models/eval_pusht_teacher_ddim30.json
+		--json results/eval_pusht_teacher_ddim30.json
 	# The teacher and the best student on 200 further seeds: how much of the 50-seed comparison is luck.
 	$(KD) eval --task pusht --policies pusht_teacher,pusht_oneflow --episodes 200 --seed 2000 \
-		--json models/eval_pusht_seeds2000.json
+		--json results/eval_pusht_seeds2000.json
 	# The DDIM-30 teacher on the same seeds: the sampler whose trajectories the students learn.
 	$(KD) eval --task pusht --policies pusht_teacher --backend onnx --episodes 200 --seed 2000 \
-		--json models/eval_pusht_teacher_ddim30_seeds2000.json
+		--json results/eval_pusht_teacher_ddim30_seeds2000.json
 	# The teacher and the best student on 300 seeds that the refinement was not chosen on.
 	$(KD) eval --task pusht --policies pusht_teacher --episodes 300 --seed 3000 \
-		--json models/eval_pusht_teacher_seeds3000.json
-	$(KD) eval --task pusht --policies pusht_oneflow --episodes 300 --seed 3000 --json models/eval_pusht_seeds3000.json
-	$(KD) bench --task pusht --ddim-steps 30 --json models/bench_pusht.json
+		--json results/eval_pusht_teacher_seeds3000.json
+	$(KD) eval --task pusht --policies pusht_oneflow --episodes 300 --seed 3000 --json results/eval_pusht_seeds3000.json
+	$(KD) bench --task pusht --ddim-steps 30 --json results/bench_pusht.json
 	$(MAKE) results-table
 
 # The camera path: rendered 64x64 frames of the workspace camera, the image-conditioned teacher and its dkoopman
-# student. The student's OOD threshold is set for closed loop as the state students' are (calibrated on its
-# training windows, 0.0045, it tripped at 0.015 through the stack; 20 gym episodes reached 0.0073).
+# student, through the state pipeline's commands (the dataset's frames make teacher, teacher-data and student
+# train the image policies). The student's OOD threshold is set for closed loop as the state students' are
+# (docs/experiments.md, "Choices in make models"). The evaluation runs both through ONNX: the teacher's DDIM-10
+# graph is the sampler the student distils
+# (DDPM-100 would cost 100 U-Net calls per chunk); the state student runs on the same seeds for comparison, in a
+# file of its own, so that its card keeps the evaluation of `make models`.
 CAM := $(DATA)/camera
 models-camera: setup
 	mkdir -p $(CAM)
-	$(KD) camera-collect --episodes 250 --seed 0 --out $(CAM)/demos.h5 --json $(CAM)/collect.json
-	$(KD) camera-teacher --data $(CAM)/demos.h5 --out models/gen3_camera_teacher --steps 6000 --batch-size 64 \
-		--threads 1
-	$(KD) camera-teacher-data --teacher models/gen3_camera_teacher --data $(CAM)/demos.h5 \
-		--out $(CAM)/teacher_data.h5 --steps 10 --draws 4 --threads 1
-	$(KD) camera-student --teacher models/gen3_camera_teacher --teacher-data $(CAM)/teacher_data.h5 \
-		--data $(CAM)/demos.h5 --out models/gen3_camera_dkoopman --threads 1
+	$(VENV)/bin/koopman-sim collect --task gen3_reach_obstacle --episodes 250 --seed 0 --camera workspace \
+		--out $(CAM)/demos.h5 --json $(CAM)/collect.json
+	$(KD) teacher --data $(CAM)/demos.h5 --out models/gen3_camera_teacher --steps 6000 --batch-size 64 --threads 1
+	$(KD) teacher-data --teacher models/gen3_camera_teacher --data $(CAM)/demos.h5 \
+		--out $(CAM)/teacher_data.h5 --steps 10 --draws 4 --batch-size 256
+	$(KD) student --method dkoopman --teacher models/gen3_camera_teacher --teacher-data $(CAM)/teacher_data.h5 \
+		--out models/gen3_camera_dkoopman --steps 8000 --threads 1
 	for m in teacher dkoopman; do $(KD) export --checkpoint models/gen3_camera_$$m || exit 1; done
 	$(KD) export --checkpoint models/gen3_camera_dkoopman --ood-threshold 0.03
-	$(KD) camera-eval --policies camera_dkoopman,camera_teacher --state-policies dkoopman --episodes 50 \
-		--seed 1000 --json models/eval_camera.json --record --threads 1
+	$(KD) eval --policies camera_dkoopman,camera_teacher --backend onnx --episodes 50 --seed 1000 \
+		--json results/eval_camera.json --update-cards
+	$(KD) eval --policies dkoopman --backend onnx --episodes 50 --seed 1000 --json results/eval_camera_state.json
 
 # One table for both tasks (method, coverage, latency, FLOPs, speedup over the DDPM-100 teacher).
 results-table: setup
-	$(KD) table --results gen3_reach_obstacle models/eval_gen3.json models/bench_gen3.json \
-		--results pusht models/eval_pusht.json models/bench_pusht.json --json models/results_table.json
+	$(KD) table --results gen3_reach_obstacle results/eval_gen3.json results/bench_gen3.json \
+		--results pusht results/eval_pusht.json results/bench_pusht.json --json results/results_table.json \
+		--into docs/results.md
 
 clean-venv:
 	rm -rf $(VENV)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -69,9 +70,8 @@ class Participant:
         self.node.destroy_node()
 
 
-@pytest.fixture
-def contexts() -> Iterator[Callable[..., Context]]:
-    """Make rclpy contexts on the session's domain (or another); all are shut down at the end."""
+@contextmanager
+def _made_contexts() -> Iterator[Callable[..., Context]]:
     made: list[Context] = []
 
     def make(domain_id: int | None = None) -> Context:
@@ -85,9 +85,8 @@ def contexts() -> Iterator[Callable[..., Context]]:
             rclpy.shutdown(context=ctx)
 
 
-@pytest.fixture
-def participant(contexts: Callable[..., Context]) -> Iterator[Callable[..., Participant]]:
-    """Make test participants (each with a context of its own); closed before their contexts."""
+@contextmanager
+def _made_participants(contexts: Callable[..., Context]) -> Iterator[Callable[..., Participant]]:
     made: list[Participant] = []
 
     def make(name: str = "test_probe", domain_id: int | None = None) -> Participant:
@@ -100,10 +99,8 @@ def participant(contexts: Callable[..., Context]) -> Iterator[Callable[..., Part
         p.close()
 
 
-@pytest.fixture
-def running_node(contexts: Callable[..., Context]) -> Iterator[Callable[..., Any]]:
-    """Start one node class on its own context and executor threads (as its executable would); closed at the
-    end. ``make(NodeClass, **parameters)``."""
+@contextmanager
+def _made_nodes(contexts: Callable[..., Context]) -> Iterator[Callable[..., Any]]:
     from rclpy.parameter import Parameter
 
     from koopman_control.ros.base import Spinner
@@ -122,3 +119,48 @@ def running_node(contexts: Callable[..., Context]) -> Iterator[Callable[..., Any
     for node, spin in reversed(made):
         spin.shutdown()
         node.close()
+
+
+@pytest.fixture
+def contexts() -> Iterator[Callable[..., Context]]:
+    """Make rclpy contexts on the session's domain (or another); all are shut down at the end."""
+    with _made_contexts() as make:
+        yield make
+
+
+@pytest.fixture
+def participant(contexts: Callable[..., Context]) -> Iterator[Callable[..., Participant]]:
+    """Make test participants (each with a context of its own); closed before their contexts."""
+    with _made_participants(contexts) as make:
+        yield make
+
+
+@pytest.fixture
+def running_node(contexts: Callable[..., Context]) -> Iterator[Callable[..., Any]]:
+    """Start one node class on its own context and executor threads (as its executable would); closed at the
+    end. ``make(NodeClass, **parameters)``."""
+    with _made_nodes(contexts) as make:
+        yield make
+
+
+# The same for a module-scoped fixture: one rig (a robot, a stack) that a module's tests share because starting
+# it costs seconds. Torn down when the module's last test has run.
+@pytest.fixture(scope="module")
+def module_contexts() -> Iterator[Callable[..., Context]]:
+    """:func:`contexts` for the whole module."""
+    with _made_contexts() as make:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def module_participant(module_contexts: Callable[..., Context]) -> Iterator[Callable[..., Participant]]:
+    """:func:`participant` for the whole module."""
+    with _made_participants(module_contexts) as make:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def module_running_node(module_contexts: Callable[..., Context]) -> Iterator[Callable[..., Any]]:
+    """:func:`running_node` for the whole module."""
+    with _made_nodes(module_contexts) as make:
+        yield make

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import random
 import signal
@@ -18,11 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import wait_until
 
 from koopman_control.bag import topics as T
 from koopman_control.bag.reader import inspect_bag, load_run
 from koopman_control.bag.replay import replay
 from koopman_control.bag.simrun import record_sim_run
+from koopman_control.contracts import resolve_contract
 
 # The offline replay compares each recorded observation's chunk with the policy's answer to it, so the
 # recorded stack plans on every tick (as `replay-live` does) instead of following plans.
@@ -72,29 +76,24 @@ def bc_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(export_untrained("bc", tmp_path_factory.mktemp("models") / "bc.onnx"))
 
 
-def test_record_live_stack_and_replay_it(tmp_path: Path, bc_model: str) -> None:
-    import rclpy
-    from rclpy.signals import SignalHandlerOptions
-
+def test_record_live_stack_and_replay_it(tmp_path: Path, bc_model: str, contexts) -> None:
     from koopman_control.bag.recorder import BagRecorder
     from koopman_control.bringup import Stack
     from koopman_control.stack import StackArgs, build_stack
 
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx, domain_id=domain(), signal_handler_options=SignalHandlerOptions.NO)
+    ctx = contexts(domain())
     bag = tmp_path / "live"
-    try:
-        specs = build_stack(StackArgs(policy=bc_model, teacher_fallback=False), overrides=OVERRIDES)
-        rec = BagRecorder(bag, context=ctx, log=lambda _m: None).start()
-        with Stack(specs, context=ctx) as stack:
-            time.sleep(4.0)
-            stack.check()
-            hashes = {t: i[0].topic_type_hash for t in (T.JOINT_STATES, T.ACTION_CHUNK)
-                      if (i := rec.node.get_publishers_info_by_topic(t))}
-            ingest = stack.nodes["state_ingest"].metrics()
-        summary = rec.stop()
-    finally:
-        ctx.try_shutdown()
+    specs = build_stack(StackArgs(policy=bc_model, teacher_fallback=False), overrides=OVERRIDES)
+    rec = BagRecorder(bag, context=ctx, log=lambda _m: None).start()
+    with Stack(specs, context=ctx) as stack:
+        counts = rec.sink.counts  # what four seconds of the stack give: 100 Hz joint states, 10 Hz chunks
+        wait_until(lambda: counts.get(T.JOINT_STATES, 0) >= 400 and counts.get(T.ACTION_CHUNK, 0) >= 40, 30.0,
+                   what="400 joint states and 40 chunks recorded")
+        stack.check()
+        hashes = {t: i[0].topic_type_hash for t in (T.JOINT_STATES, T.ACTION_CHUNK)
+                  if (i := rec.node.get_publishers_info_by_topic(t))}
+        ingest = stack.nodes["state_ingest"].metrics()
+    summary = rec.stop()
     assert summary["topics"][T.JOINT_STATES] > 250 and summary["topics"][T.ACTION_CHUNK] > 25
     info = inspect_bag(bag)
     # The definitions written (kilted typestore) hash like the running rclpy types: `ros2 bag` accepts them.
@@ -125,47 +124,50 @@ def test_record_live_stack_and_replay_it(tmp_path: Path, bc_model: str) -> None:
     assert err["rmse"] < 1e-5  # the live policy node's chunks, reproduced offline
 
 
-def test_record_command_closes_bag_on_sigint(tmp_path: Path) -> None:
-    import rclpy
-    from rclpy.node import Node
+def test_record_command_closes_bag_on_sigint(tmp_path: Path, participant) -> None:
     from sensor_msgs.msg import JointState
 
+    from koopman_control.core.realtime import PeriodicLoop
     from koopman_control.ros import convert, qos
+    from koopman_sim.gen3 import JOINT_NAMES
 
     dom = domain()
     bag = tmp_path / "cli"
+    pub = participant("publisher", domain_id=dom).publisher(T.JOINT_STATES, JointState, qos.SENSOR_PUB)
     env = {**os.environ, "ROS_DOMAIN_ID": str(dom)}
     proc = subprocess.Popen([sys.executable, "-m", "koopman_control.bag.cli", "record", "--out", str(bag),
                              "--storage", "sqlite3", "--topics", T.JOINT_STATES], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx, domain_id=dom)
     try:
-        node = Node("publisher", context=ctx)
-        pub = node.create_publisher(JointState, T.JOINT_STATES, qos.SENSOR_PUB)
-        from koopman_sim.gen3 import JOINT_NAMES
-
-        t_end = time.monotonic() + 30.0
-        while pub.get_subscription_count() == 0 and time.monotonic() < t_end:  # the recorder has subscribed
-            time.sleep(0.05)
-        if pub.get_subscription_count() != 1:
+        try:
+            wait_until(lambda: pub.get_subscription_count() == 1, 30.0, what="the record process to subscribe")
+        except TimeoutError:
             proc.send_signal(signal.SIGINT)
-            raise AssertionError(f"the record process never subscribed: {proc.communicate(timeout=20)}")
-        time.sleep(0.3)
+            raise AssertionError(f"the record process never subscribed: {proc.communicate(timeout=20)}") from None
         sent = 0
-        for _ in range(200):
-            pub.publish(convert.joint_state(time.time_ns(), JOINT_NAMES, np.zeros(7), np.zeros(7)))
-            sent += 1
-            time.sleep(0.01)
+
+        def sensor(_skipped: int) -> None:  # a 100 Hz joint-state stream, as an arm driver publishes it
+            nonlocal sent
+            if sent < 200:
+                pub.publish(convert.joint_state(time.time_ns(), JOINT_NAMES, np.zeros(7), np.zeros(7)))
+                sent += 1
+
+        loop = PeriodicLoop(100.0, sensor, name="test-joint-states")
+        loop.start()
+        try:
+            wait_until(lambda: sent == 200, 30.0, what="200 joint states published")
+        finally:
+            loop.stop()
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=20)
     finally:
         if proc.poll() is None:
             proc.kill()
-        ctx.try_shutdown()
     assert proc.returncode == 0 and sent == 200, err
     assert "wrote" in out
-    run = load_run(bag, required=[T.JOINT_STATES])
+    task = resolve_contract("")
+    joints_only = dataclasses.replace(task, observation=tuple(f for f in task.observation if f.joints))
+    run = load_run(bag, joints_only)  # a bag of joint states alone
     assert inspect_bag(bag).storage == "sqlite3"
     assert len(run.js_stamp_ns) >= 0.95 * sent  # reliable subscription: (nearly) everything after discovery
 
@@ -175,14 +177,13 @@ def test_replay_live_plays_bag_into_stack(tmp_path: Path, bc_model: str, capsys)
 
     src = tmp_path / "src"
     record_sim_run(src, driver="expert", duration_s=3.0, feedback_rate_hz=100.0)
-    live = tmp_path / "live"
+    live, summary_json = tmp_path / "live", tmp_path / "live.json"
     code = bag_main(["replay-live", str(src), "--policy", bc_model, "--no-teacher-fallback", "--record", str(live),
-                     "--domain-id", str(domain()), "--timeout", "60", "--json"])
+                     "--domain-id", str(domain()), "--timeout", "60", "--json", str(summary_json)])
     out = capsys.readouterr().out
     assert code == 0, out
-    import json
-
-    summary = json.loads(out)
+    assert f"wrote {summary_json}" in out
+    summary = json.loads(summary_json.read_text())
     pl = summary["player"]
     assert pl["state"] == "done" and pl["published"] == pl["messages"]
     assert pl["wall_s"] == pytest.approx(pl["bag_duration_s"], abs=0.5)  # recorded timing at rate 1

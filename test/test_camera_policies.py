@@ -7,18 +7,19 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from policy_fields import task_fields
 
-from koopman_distill.camera import FrameWindows, frame_index_windows
-from koopman_distill.data import episode_windows
+from koopman_distill.data import FrameWindows, episode_windows, frame_index_windows
 from koopman_policy.checkpoint import load_policy, save_policy
+from koopman_policy.contract import CAMERA_TOPIC, ContractError, ImageSpec
 from koopman_policy.onnx_export import check_parity, export_policy, read_metadata
-from koopman_policy.onnx_image_policy import OnnxImagePolicy
-from koopman_policy.onnx_policy import ModelLoadError, OnnxPolicy
+from koopman_policy.onnx_policy import OnnxPolicy
 from koopman_policy.registry import IMAGE_POLICIES, POLICIES, STUDENT_METHODS, policy_class
 from koopman_policy.vision import ImageDKoopmanPolicy, SpatialSoftmax
 
 SIZE = 24
-TINY = {"image_height": SIZE, "image_width": SIZE, "vision_dims": (8, 8, 8), "keypoints": 4}
+TINY = {"image_height": SIZE, "image_width": SIZE, "vision_dims": (8, 8, 8), "keypoints": 4,
+        **task_fields(image=ImageSpec(SIZE, SIZE, "workspace"))}
 TINY_TEACHER = {**TINY, "down_dims": (8, 16), "step_embed_dim": 8, "n_groups": 4, "num_train_timesteps": 20}
 TINY_STUDENT = {**TINY, "hidden_dim": 32, "latent_dim": 16, "cond_embed_dim": 8, "gain_hidden": 16}
 
@@ -198,12 +199,19 @@ def test_export_has_three_inputs_and_image_metadata(exported):
     assert meta["inputs"] == ["image", "state", "noise"] and meta["method"] == "dkoopman_image"
     assert (meta["image_height"], meta["image_width"], meta["camera"]) == (SIZE, SIZE, "workspace")
     assert meta["obs_dim"] == 14 and meta["ood_threshold"] == 1.5
-    assert check_parity(policy, path, samples=64).worst <= 1e-4
+    image = next(f for f in meta["contract"]["observation"] if f["kind"] == "image")
+    assert image["topic"] == CAMERA_TOPIC and image["image"]["height"] == SIZE
+    report = check_parity(policy, path, samples=64)
+    assert set(report.max_abs) == {"action", "ood_score"} and report.worst <= 1e-4  # raw units, as the state ones
+    other = task_fields(image=ImageSpec(SIZE + 8, SIZE + 8, "workspace"))["contract"]
+    with pytest.raises(ContractError, match=f"frames {SIZE + 8}x{SIZE + 8}"):
+        export_policy(policy, path.with_name("x.onnx"), contract=type(OnnxPolicy(path).metadata.contract)
+                      .from_dict(other))
 
 
 def test_onnx_image_policy_matches_torch(exported):
     policy, path = exported
-    runtime = OnnxImagePolicy(path)
+    runtime = OnnxPolicy(path)
     assert (runtime.camera, runtime.image_size) == ("workspace", (SIZE, SIZE))
     obs, noise = observation(4, seed=5), torch.randn(4, 16, 7)
     ref = policy.predict_action(obs, noise).numpy()
@@ -217,7 +225,7 @@ def test_onnx_image_policy_matches_torch(exported):
 
 def test_onnx_image_policy_rejects_bad_inputs_without_changing_state(exported):
     _, path = exported
-    runtime = OnnxImagePolicy(path)
+    runtime = OnnxPolicy(path)
     img = np.random.default_rng(0).random((2, SIZE, SIZE, 3), dtype=np.float32)
     state = np.zeros((2, 14), np.float32)
     runtime.predict_action(img, state)
@@ -225,27 +233,32 @@ def test_onnx_image_policy_rejects_bad_inputs_without_changing_state(exported):
     for bad_img, bad_state, message in [
         (img * 255, state, r"\[0, 1\]"),
         (img[:, :-1], state, "image history must have shape"),
-        (img, state[:, :7], "observation history must have shape"),
+        (img, state[:, :7], "state history must have shape"),
         (np.full_like(img, np.nan), state, "NaN or inf"),
-        (img, None, "both the image and the state"),
     ]:
         with pytest.raises(ValueError, match=message):
             runtime.predict_action(bad_img, bad_state)
         assert runtime.last_ood_score == score
+    with pytest.raises(TypeError, match="takes image, state"):
+        runtime.predict_action(state)
     frame = (img[0] * 255).astype(np.uint8)
     actions = [runtime.select_action(frame, state[0]) for _ in range(8)]
     assert all(a.shape == (7,) and np.isfinite(a).all() for a in actions)
 
 
-def test_state_and_image_runtimes_refuse_each_others_files(exported, tmp_path):
+def test_one_runtime_serves_state_and_camera_files(exported, tmp_path):
+    """OnnxPolicy feeds whatever inputs a file's metadata names: frames and state, or the observation alone."""
     _, path = exported
-    with pytest.raises(ModelLoadError, match="graph inputs"):
-        OnnxPolicy(path)
+    camera = OnnxPolicy(path)
+    assert camera.observation_inputs == ("image", "state") and camera.image_size == (SIZE, SIZE)
+    assert camera.metadata.image.camera == camera.camera == "workspace"
     cls = POLICIES["dkoopman"]
-    state_policy = cls(cls.config_class(hidden_dim=16, latent_dim=8, cond_embed_dim=8, gain_hidden=8))
-    state_path = export_policy(state_policy.eval(), tmp_path / "state.onnx")
-    with pytest.raises(ModelLoadError, match="not an image policy"):
-        OnnxImagePolicy(state_path)
+    state_policy = cls(cls.config_class(hidden_dim=16, latent_dim=8, cond_embed_dim=8, gain_hidden=8, **task_fields()))
+    state = OnnxPolicy(export_policy(state_policy.eval(), tmp_path / "state.onnx"))
+    assert state.observation_inputs == ("obs",) and state.image_size is None
+    with pytest.raises(TypeError, match="takes obs"):
+        state.predict_action(np.zeros((2, SIZE, SIZE, 3), np.float32), np.zeros((2, 20), np.float32),
+                             np.zeros((16, 7), np.float32))
 
 
 def test_image_teacher_exports_ddim_with_parity(tmp_path):

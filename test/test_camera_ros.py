@@ -4,26 +4,22 @@ state history, and policy_node serves ``camera_dkoopman`` (an image policy) and 
 through ``/policy/action_chunk``. The policy reads target and pillar only through the camera: its observation
 names are the joint state alone, whatever else the state ingest adds.
 
-A probe node on a second context watches the image observations (to check the frames are really rendered)
-and the episode results.
+The test's own participant watches the image observations (to check the frames are really rendered) and the
+episode results.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import threading
 from dataclasses import dataclass, field
 
 import pytest
-import rclpy
-from rclpy.executors import SingleThreadedExecutor
-from rclpy.node import Node
+from conftest import Participant, wait_until
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
 from koopman_control.ros import convert, qos
-from koopman_control.testing import ros_context, wait_until
 from koopman_policy.catalog import resolve_policy
 
 POLICY = "camera_dkoopman"
@@ -49,10 +45,10 @@ class Probe:
     image_shapes: set[tuple[int, int, str]] = field(default_factory=set)
     results: list[dict] = field(default_factory=list)
 
-    def attach(self, node: Node) -> None:
-        node.create_subscription(Image, "/policy/image_observation", self._on_image, qos.CONTROL)
-        node.create_subscription(String, "/task/episode_result", lambda m: self.results.append(json.loads(m.data)),
-                                 qos.EVENTS)
+    def attach(self, p: Participant) -> None:
+        p.node.create_subscription(Image, "/policy/image_observation", self._on_image, qos.CONTROL)
+        p.node.create_subscription(String, "/task/episode_result", lambda m: self.results.append(json.loads(m.data)),
+                                   qos.EVENTS)
 
     def _on_image(self, msg: Image) -> None:
         self.image_shapes.add((msg.height, msg.width, msg.encoding))
@@ -70,22 +66,16 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def run() -> Run:
+def run(module_contexts, module_participant) -> Run:
     """``EPISODES`` episodes of the whole stack (no teacher: the student alone is measured)."""
     from koopman_control.bringup import Stack
     from koopman_control.stack import StackArgs
 
     overrides = {"sim": {"auto_reset": True, "seed": 3}}
-    ctx, ctx_probe = ros_context(), ros_context()
     probe = Probe()
-    node = Node("camera_probe", context=ctx_probe)
-    probe.attach(node)
-    ex = SingleThreadedExecutor(context=ctx_probe)
-    ex.add_node(node)
-    th = threading.Thread(target=ex.spin, daemon=True)
-    th.start()
+    probe.attach(module_participant("camera_probe"))
     stack = Stack.from_args(StackArgs(policy=POLICY, use_camera=True, teacher_fallback=False), overrides=overrides,
-                            context=ctx)
+                            context=module_contexts())
     try:
         sim, pol = stack["sim"], stack["policy"]
         try:
@@ -99,11 +89,6 @@ def run() -> Run:
         return Run(probe, pol.metrics(), counters.accepted, dict(counters.reject_reasons), sim.camera_error)
     finally:
         stack.close()
-        ex.shutdown()
-        th.join(2.0)
-        node.destroy_node()
-        rclpy.shutdown(context=ctx)
-        rclpy.shutdown(context=ctx_probe)
 
 
 def test_camera_path_over_dds_drives_the_arm(run: Run) -> None:
@@ -115,9 +100,11 @@ def test_camera_path_over_dds_drives_the_arm(run: Run) -> None:
     assert p.image_shapes == {(2 * 64, 64, "32FC3")}, p.image_shapes
     # The scene is mostly bright floor; a frame rendered without camera and light poses is nearly black.
     assert min(p.image_means) > 0.5, f"dark frames: min mean {min(p.image_means):.3f}"
-    # Nothing the arm refuses, but for a chunk aged past 0.1 s on a loaded machine.
-    assert set(run.refused) <= {"stale"} and sum(run.refused.values()) <= 2, run.refused
-    assert run.accepted >= m["published"] - m["holds"] - 2
+    # Nothing the arm refuses, but for a chunk aged past 0.1 s on a loaded machine and, at most once per
+    # episode boundary, the chunk in flight when the episode reset (its label is the old episode's).
+    assert set(run.refused) <= {"stale", "outdated"}, run.refused
+    assert run.refused.get("stale", 0) <= 2 and run.refused.get("outdated", 0) <= EPISODES, run.refused
+    assert run.accepted >= m["published"] - m["holds"] - sum(run.refused.values())
     assert m["published"] >= 20 * EPISODES and m["compute_ms"]["p50"] < 20.0, m
     # Ticks without an image that belongs to them happen only while the camera restarts with an episode: its
     # first tick comes with the first joint sample after the reset, before a frame of the new scene exists.

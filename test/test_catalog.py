@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from policy_fields import task_fields
 
 from koopman_policy.catalog import CatalogError, UnknownPolicyError, load_catalog, resolve_policy
 from koopman_policy.checkpoint import save_policy
@@ -41,7 +42,7 @@ def test_unknown_name_lists_known_names() -> None:
 
 
 def test_paths_are_accepted_directly(tmp_path) -> None:
-    policy = POLICIES["oneflow"](POLICIES["oneflow"].config_class())
+    policy = POLICIES["oneflow"](POLICIES["oneflow"].config_class(**task_fields()))
     ckpt = save_policy(policy, tmp_path / "my_flow")
     entry = resolve_policy(str(ckpt), root=tmp_path)
     assert (entry.name, entry.method, entry.checkpoint, entry.onnx) == ("my_flow", "oneflow", ckpt, None)
@@ -70,3 +71,31 @@ def test_catalogue_format_errors(tmp_path) -> None:
     path.write_text("policies: [unclosed\n")
     with pytest.raises(CatalogError, match="not valid YAML"):
         load_catalog(tmp_path)
+
+
+def test_one_loader_picks_the_backend_and_the_runtime(tmp_path) -> None:
+    """``open_policy``: ONNX for serving (the runtime from the file's kind), the checkpoint for torch, and
+    ``auto``/``stack`` choosing as evaluation and replay need."""
+    from koopman_policy.loader import open_policy
+    from koopman_policy.onnx_policy import ModelLoadError, OnnxDenoiserLoop, OnnxPolicy
+    from koopman_policy.teacher import DiffusionPolicy
+
+    cpu = {"providers": ["CPUExecutionProvider"], "root": REPO}
+    served = open_policy("teacher_ddim10", "auto", **cpu)  # no checkpoint to run: its export
+    assert (served.backend, type(served.model), served.source) == ("onnx", OnnxPolicy,
+                                                                  REPO / "models/gen3_teacher/policy.onnx")
+    assert isinstance(open_policy("models/gen3_teacher/denoiser.onnx", teacher_steps=3, **cpu).model,
+                      OnnxDenoiserLoop)
+    reference = open_policy("teacher", "auto", **cpu)  # the teacher's own sampler, DDPM-100
+    assert reference.backend == "torch" and isinstance(reference.model, DiffusionPolicy)
+    for backend in ("auto", "stack", "onnx"):
+        assert open_policy("dkoopman", backend, **cpu).backend == "onnx"
+    with pytest.raises(FileNotFoundError, match="no PyTorch checkpoint"):
+        open_policy("teacher_ddim10", "torch", **cpu)
+    policy = POLICIES["bc"](POLICIES["bc"].config_class(**task_fields()))
+    ckpt = save_policy(policy, tmp_path / "fresh")
+    assert open_policy(ckpt, "stack", root=tmp_path).backend == "torch"  # never exported: the checkpoint
+    with pytest.raises(ModelLoadError, match="names no ONNX file"):
+        open_policy(ckpt, root=tmp_path)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        open_policy("teacher", "tensorrt", **cpu)

@@ -63,6 +63,24 @@ def test_every_student_method_distils_and_loads(pipeline, method):
     assert chunk.shape == (1, 16, 7) and torch.isfinite(chunk).all()
 
 
+def test_the_contract_travels_from_the_data_to_the_export(pipeline):
+    """collect records the task's contract, teacher and student carry it in their configs, export writes it."""
+    from koopman_policy.contract import Contract
+    from koopman_policy.onnx_format import read_metadata
+    from koopman_sim.dataset import load_dataset
+
+    recorded = Contract.from_json(load_dataset(pipeline / "demos.h5").contract)
+    assert recorded.task == "gen3_reach_obstacle" and recorded.image is None
+    assert main(["student", "--method", "bc", "--teacher", str(pipeline / "teacher"), "--teacher-data",
+                 str(pipeline / "td.h5"), "--out", str(pipeline / "bc_contract"), "--steps", "2", *TINY_STUDENT]) == 0
+    assert main(["export", "--checkpoint", str(pipeline / "bc_contract"), "--parity-samples", "8"]) == 0
+    for directory in (pipeline / "teacher", pipeline / "bc_contract"):
+        assert Contract.from_dict(load_policy(directory).config.contract) == recorded
+    assert Contract.from_dict(read_metadata(pipeline / "bc_contract" / "policy.onnx")["contract"]) == recorded
+    assert json.loads((pipeline / "bc_contract" / "card.json").read_text())["contract"] == \
+        json.loads(recorded.to_json())
+
+
 def test_unet_oneflow_starts_from_the_teacher(pipeline, capsys):
     common = ["student", "--method", "oneflow", "--teacher", str(pipeline / "teacher"), "--teacher-data",
               str(pipeline / "td.h5"), "--steps", "5", "--batch-size", "16", "--set", "backbone=unet"]

@@ -1,5 +1,8 @@
 """kortex_bridge_node over real rclpy/DDS against the Kortex stand-in: closed-loop episode, watchdog when the
-command source stops or is killed mid-chunk, services, diagnostics, and clean session shutdown on Ctrl-C."""
+command source stops or is killed mid-chunk, services, diagnostics, and clean session shutdown on Ctrl-C.
+
+The bridge runs on its own context and executor threads, as its executable would; the test's own participant
+stands where the policy node stands."""
 
 from __future__ import annotations
 
@@ -12,15 +15,16 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-import rclpy
+from conftest import Participant, wait_until
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import PointStamped
-from rclpy.node import Node
-from rclpy.parameter import Parameter
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Header, String
 from std_srvs.srv import Trigger
@@ -30,8 +34,7 @@ from koopman_control.core.episodes import parse_episode
 from koopman_control.nodes.kortex_bridge_node import KortexBridgeNode
 from koopman_control.params import load_parameters
 from koopman_control.ros import convert, qos
-from koopman_control.ros.base import Spinner
-from koopman_control.testing import ros_context, session_domain_id, wait_until
+from koopman_control.testing import session_domain_id
 from koopman_sim import gen3
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,42 +42,61 @@ NAMES = list(gen3.JOINT_NAMES)
 _ips = (f"10.88.{os.getpid() % 250}.{i}" for i in itertools.count(1))
 
 
-class Source(Node):
-    """Stands where the policy node stands: reads /joint_states and the task, publishes chunks."""
+class Source:
+    """Stands where the policy node stands: reads /joint_states and the task, publishes chunks, calls the
+    bridge's services."""
 
-    def __init__(self, context) -> None:
-        super().__init__("chunk_source", context=context)
-        self.pub = self.create_publisher(JointTrajectory, "/policy/action_chunk", qos.CONTROL)
-        self.js: JointState | None = None
-        self.js_count = 0
-        self.task: dict[str, np.ndarray] = {}
-        self.task_stamp = 0
-        self.episode = 0
-        self.episode_start = 0
-        self.results: list[dict] = []
-        self.diags: list = []
-        self.create_subscription(JointState, "/joint_states", self._on_js, qos.SENSOR_SUB)
+    def __init__(self, p: Participant) -> None:
+        self.p = p
+        self.pub = p.publisher("/policy/action_chunk", JointTrajectory, qos.CONTROL)
+        self.joint_states = p.record("/joint_states", JointState, qos.SENSOR_SUB)
         for key in ("target", "pillar"):
-            self.create_subscription(PointStamped, f"/task/{key}", lambda m, k=key: self._on_task(k, m), qos.LATCHED)
-        self.create_subscription(Header, "/task/episode", self._on_episode, qos.LATCHED)
-        self.create_subscription(String, "/task/episode_result", lambda m: self.results.append(json.loads(m.data)),
-                                 qos.EVENTS)
-        self.create_subscription(DiagnosticArray, "/diagnostics", lambda m: self.diags.extend(m.status), 10)
+            p.record(f"/task/{key}", PointStamped, qos.LATCHED)
+        self.episodes = p.record("/task/episode", Header, qos.LATCHED)
+        p.record("/task/episode_result", String, qos.EVENTS)
+        p.record("/diagnostics", DiagnosticArray, 10)
 
-    def _on_task(self, key: str, m: PointStamped) -> None:
-        self.task[key] = np.array([m.point.x, m.point.y, m.point.z])
-        self.task_stamp = convert.from_time(m.header.stamp)
+    @property
+    def js(self) -> JointState:
+        return self.joint_states[-1][1]
 
-    def _on_episode(self, m: Header) -> None:
-        self.episode, self.episode_start = parse_episode(m.frame_id), convert.from_time(m.stamp)
+    @property
+    def js_count(self) -> int:
+        return len(self.joint_states)
+
+    def _task_msgs(self) -> dict[str, PointStamped]:
+        return {key: msgs[-1] for key in ("target", "pillar") if (msgs := self.p.messages(f"/task/{key}"))}
+
+    @property
+    def task(self) -> dict[str, np.ndarray]:
+        return {key: np.array([m.point.x, m.point.y, m.point.z]) for key, m in self._task_msgs().items()}
+
+    @property
+    def task_stamp(self) -> int:
+        """Stamp of the newest task input."""
+        return max((convert.from_time(m.header.stamp) for m in self._task_msgs().values()), default=0)
+
+    @property
+    def episode(self) -> int:
+        return parse_episode(self.episodes[-1][1].frame_id) if self.episodes else 0
+
+    @property
+    def episode_start(self) -> int:
+        return convert.from_time(self.episodes[-1][1].stamp) if self.episodes else 0
+
+    @property
+    def results(self) -> list[dict[str, Any]]:
+        return [json.loads(m.data) for m in self.p.messages("/task/episode_result")]
+
+    @property
+    def diags(self) -> list[DiagnosticStatus]:
+        return [st for m in self.p.messages("/diagnostics") for st in m.status]
 
     def new_task(self) -> bool:
-        """The running episode's task inputs have arrived (stamped at or after its announced start)."""
-        return len(self.task) == 2 and self.episode >= 1 and self.task_stamp >= self.episode_start
-
-    def _on_js(self, msg: JointState) -> None:
-        self.js = msg
-        self.js_count += 1
+        """The running episode's task inputs have arrived (both stamped at or after its announced start)."""
+        msgs = self._task_msgs()
+        return (len(msgs) == 2 and self.episode >= 1
+                and all(convert.from_time(m.header.stamp) >= self.episode_start for m in msgs.values()))
 
     def q(self) -> np.ndarray:
         return np.array(self.js.position)
@@ -85,40 +107,23 @@ class Source(Node):
         return stamp
 
     def call(self, name: str, timeout: float = 40.0) -> Trigger.Response:
-        cli = self.create_client(Trigger, f"/kortex_bridge/{name}")
-        assert cli.wait_for_service(10.0), name
-        fut = cli.call_async(Trigger.Request())
-        wait_until(fut.done, timeout, what=f"{name} response")
-        self.destroy_client(cli)
-        return fut.result()
+        return self.p.call(Trigger, f"/kortex_bridge/{name}", Trigger.Request(), timeout)
 
 
-def bridge_params(**over) -> list[Parameter]:
+def bridge_params(**over) -> dict[str, Any]:
     p = load_parameters(ROOT / "config" / "kinova.yaml", "kortex_bridge")
     p.update(backend="standin", task_source="standin", auto_reset=False, seed=3, robot_ip=next(_ips),
              feedback_rate=250.0)
     p.update(over)
-    return [Parameter(k, value=v) for k, v in p.items()]
+    return p
 
 
 @pytest.fixture(scope="module")
-def rig():
-    ctx_b, ctx_s = ros_context(), ros_context()
-    bridge = KortexBridgeNode(node_name="kortex_bridge", context=ctx_b, parameter_overrides=bridge_params())
-    src = Source(ctx_s)
-    spin_b = Spinner(bridge.spin_nodes(), ctx_b)
-    spin_s = Spinner([src], ctx_s)
-    try:
-        wait_until(lambda: src.js_count > 10 and src.new_task(), 15.0,
-                   what="joint states and the task from the bridge")
-        yield bridge, src
-    finally:
-        spin_s.shutdown()
-        spin_b.shutdown()
-        src.destroy_node()
-        bridge.close()
-        rclpy.shutdown(context=ctx_s)
-        rclpy.shutdown(context=ctx_b)
+def rig(module_running_node, module_participant):
+    bridge = module_running_node(KortexBridgeNode, **bridge_params())
+    src = Source(module_participant("chunk_source"))
+    wait_until(lambda: src.js_count > 10 and src.new_task(), 15.0, what="joint states and the task from the bridge")
+    return bridge, src
 
 
 def moving(src: Source, speed: float, n: int = 10, dt: float = 0.1):
@@ -131,10 +136,37 @@ def moving(src: Source, speed: float, n: int = 10, dt: float = 0.1):
     return offs, pos
 
 
+@contextmanager
+def streaming(src: Source, speed: float, period: float = 0.1) -> Iterator[list[int]]:
+    """Chunks moving at ``speed`` every ``period`` (the policy's rate), from a thread, while the block runs; yields
+    the stamps published so far."""
+    stamps: list[int] = []
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            stamps.append(src.publish(*moving(src, speed)))
+            stop.wait(period)
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    try:
+        yield stamps
+    finally:
+        stop.set()
+        th.join(1.0)
+
+
+def stays(seconds: float) -> None:
+    """Let ``seconds`` pass: what the test measures is that nothing moves meanwhile."""
+    t_end = time.monotonic() + seconds
+    wait_until(lambda: time.monotonic() > t_end, seconds + 1.0, what=f"{seconds} s to pass")
+
+
 def test_joint_states_rate_units_and_task(rig):
     bridge, src = rig
     n0, t0 = src.js_count, time.monotonic()
-    time.sleep(1.0)
+    wait_until(lambda: src.js_count >= n0 + 250, 5.0, what="250 joint states")
     rate = (src.js_count - n0) / (time.monotonic() - t0)
     # Liveness, not a rate figure (bench-stack measures rates): a shared CI machine runs it slower.
     assert rate > 0.5 * 250.0
@@ -150,10 +182,9 @@ def test_watchdog_stops_the_arm_when_the_policy_stops(rig):
     bridge, src = rig
     robot = bridge.robot
     timeout = bridge.p["watchdog_timeout"]
-    for _ in range(8):
-        last = src.publish(*moving(src, 0.25))
-        time.sleep(0.1)
-    assert np.abs(robot.arm.qd).max() > 0.1 and robot.speeds.any()
+    with streaming(src, 0.25) as sent:
+        wait_until(lambda: np.abs(robot.arm.qd).max() > 0.1 and robot.speeds.any(), 5.0, what="the arm moving")
+    last = sent[-1]
     # The source stops publishing (the policy node stopped): measure until the arm is told to stop.
     wait_until(lambda: not robot.speeds.any(), 1.0, interval=0.001, what="zero speed command")
     stop_cmd = (time.time_ns() - last) / 1e6
@@ -165,7 +196,7 @@ def test_watchdog_stops_the_arm_when_the_policy_stops(rig):
     assert bridge.bridge.counters.watchdog_stops >= 1
     assert "watchdog" in bridge.diagnostics()[0][2]
     q_rest = robot.arm.q
-    time.sleep(0.3)
+    stays(0.3)
     np.testing.assert_allclose(robot.arm.q, q_rest, atol=2e-3)
 
 
@@ -179,14 +210,13 @@ def test_killing_the_command_source_mid_chunk_leaves_the_arm_stopped(rig, tmp_pa
         import time, sys
         import numpy as np
         from koopman_control.ros import convert, qos
-        from koopman_control.testing import ros_context
+        from koopman_control.testing import ros_context, wait_until
         from rclpy.node import Node
         from trajectory_msgs.msg import JointTrajectory
         ctx = ros_context({session_domain_id()})
         node = Node("doomed_source", context=ctx)
         pub = node.create_publisher(JointTrajectory, "/policy/action_chunk", qos.CONTROL)
-        while pub.get_subscription_count() == 0:
-            time.sleep(0.01)
+        wait_until(lambda: pub.get_subscription_count() > 0, 30.0, what="the bridge's subscription")
         q0 = np.array({q0.tolist()})
         names = {NAMES}
         t0 = time.time()
@@ -199,14 +229,14 @@ def test_killing_the_command_source_mid_chunk_leaves_the_arm_stopped(rig, tmp_pa
             pos[:, 0] += s
             pos[:, 6] += s
             pub.publish(convert.chunk_msg(time.time_ns(), names, offs, pos))
-            time.sleep(0.1)
+            time.sleep(0.1)  # the policy's period
     """))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
         assert proc.stdout.readline().strip() == "streaming"
         wait_until(lambda: bridge.bridge.executor.state.value == "tracking", 10.0, what="the bridge to track")
-        time.sleep(1.0)
+        wait_until(lambda: robot.arm.q[0] - q0[0] > 0.2, 10.0, what="joint 1 a quarter of the way along the plan")
         assert np.abs(robot.arm.qd).max() > 0.1
     finally:
         proc.kill()
@@ -216,7 +246,7 @@ def test_killing_the_command_source_mid_chunk_leaves_the_arm_stopped(rig, tmp_pa
     latency = time.monotonic() - killed
     wait_until(lambda: np.abs(robot.arm.qd).max() < 0.01, 2.0, interval=0.002, what="arm at rest")
     q_stop = robot.arm.q
-    time.sleep(0.5)
+    stays(0.5)
     np.testing.assert_allclose(robot.arm.q, q_stop, atol=2e-3)  # and it stays stopped
     moved = q_stop[0] - q0[0]
     print(f"\nkilled mid-chunk: stop command {latency * 1e3:.1f} ms after SIGKILL, joint 1 moved {moved:.3f} "
@@ -228,10 +258,9 @@ def test_killing_the_command_source_mid_chunk_leaves_the_arm_stopped(rig, tmp_pa
 def test_services_emergency_stop_clear_faults_go_home(rig):
     bridge, src = rig
     robot = bridge.robot
-    for _ in range(3):
-        src.publish(*moving(src, 0.2))
-        time.sleep(0.1)
-    r = src.call("emergency_stop")
+    with streaming(src, 0.2):  # stopped while the policy drives it
+        wait_until(lambda: np.abs(robot.arm.qd).max() > 0.05, 5.0, what="the arm moving")
+        r = src.call("emergency_stop")
     assert r.success and robot.fault_bank_a
     wait_until(lambda: np.abs(robot.arm.qd).max() < 0.01, 2.0, what="arm at rest after e-stop")
     src.publish(*moving(src, 0.2))
@@ -289,11 +318,12 @@ def test_closed_loop_episode_with_the_scripted_expert_reaches_the_target(rig):
     assert bridge.metrics()["episodes"] >= 1
 
 
-def test_sigint_closes_the_sessions_and_a_missing_api_fails_clearly(tmp_path):
+def test_sigint_closes_the_sessions_and_a_missing_api_fails_clearly(participant):
     env = {**os.environ, "ROS_DOMAIN_ID": str(session_domain_id()), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
     cmd = [sys.executable, "-m", "koopman_control.nodes.kortex_bridge_node", "--ros-args",
            "-p", "backend:=standin", "-p", "robot_ip:=10.99.0.1", "-p", "feedback_rate:=100.0",
            "-r", "__node:=kortex_bridge_sigint"]
+    probe = participant("sigint_probe")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     out = ""
     try:
@@ -304,7 +334,8 @@ def test_sigint_closes_the_sessions_and_a_missing_api_fails_clearly(tmp_path):
             if "kortex bridge up" in line or not line:
                 break
         assert "kortex bridge up" in out, out
-        time.sleep(0.3)
+        # Spinning: it answers a service call.
+        assert probe.call(Trigger, "/kortex_bridge_sigint/metrics", Trigger.Request(), timeout=15.0).success
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=15)
         out += rest

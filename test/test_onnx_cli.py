@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from policy_fields import task_fields
 
 from koopman_distill.cli import UserError
 from koopman_distill.commands import bench, export
@@ -27,10 +28,12 @@ def _cli(argv: list[str]) -> int:
 
 
 def _checkpoint(method: str, directory):
+    """A checkpoint as those trained before contracts: the Gen3 task's names, no contract in its config."""
     torch.manual_seed(0)
     cls = POLICIES[method]
     kw = {"down_dims": (16, 32), "step_embed_dim": 16} if method == "teacher" else {"hidden_dim": 64}
-    policy = cls(cls.config_class(**kw))
+    fields = task_fields()
+    policy = cls(cls.config_class(**kw, obs_names=fields["obs_names"], action_names=fields["action_names"]))
     policy.fit_normalizers(torch.randn(64, 2, 20), torch.rand(64, 16, 7))
     save_policy(policy, directory, extra={"card": {"commit": "0123abc"}})
     (directory / "card.json").write_text(json.dumps({"name": directory.name, "method": method}) + "\n")
@@ -46,6 +49,8 @@ def test_export_cli_writes_files_parity_and_card(tmp_path, capsys) -> None:
     for name in ("policy.onnx", "denoiser.onnx"):
         assert card["exports"][name]["sha256"] == file_sha256(ckpt / name)
         assert card["exports"][name]["parity_max_abs"] <= 1e-4
+    # Trained before contracts: the built-in task whose names these are.
+    assert card["contract"] == task_fields()["contract"] and "contract of task 'gen3_reach_obstacle'" in out
     teacher = OnnxPolicy(ckpt / "policy.onnx", expected_sha256=card["exports"]["policy.onnx"]["sha256"])
     assert teacher.metadata.training_commit == "0123abc" and teacher.metadata.sampler == "ddim"
     loop = OnnxDenoiserLoop(ckpt / "denoiser.onnx", sampler="ddim", num_inference_steps=3)
@@ -63,6 +68,9 @@ def test_export_cli_user_errors(tmp_path) -> None:
     assert _cli(["export", "--checkpoint", str(ckpt), "--out", str(out), "--ood-threshold", "2.5"]) == 0
     assert OnnxPolicy(out).metadata.ood_threshold == 2.5
     assert "exports" not in json.loads((ckpt / "card.json").read_text())  # only files beside the card
+    alien = save_policy(POLICIES["bc"](POLICIES["bc"].config_class(hidden_dim=64)), tmp_path / "alien")
+    with pytest.raises(ValueError, match="are no built-in task's"):
+        _cli(["export", "--checkpoint", str(alien)])
 
 
 def test_bench_on_checkpoints_by_path(tmp_path) -> None:

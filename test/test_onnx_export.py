@@ -1,4 +1,5 @@
-"""ONNX export: graph interface, metadata, and ONNX Runtime vs PyTorch parity for every method."""
+"""ONNX export: graph interface, metadata (the contract among it), and ONNX Runtime vs PyTorch parity for every
+method."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from policy_fields import task_fields
 
 from koopman_policy.checkpoint import WEIGHTS, save_policy
+from koopman_policy.contract import Contract, ContractError
 from koopman_policy.onnx_export import (
     OPSET,
-    POLICY_KEYS,
-    SCHEDULER_KEYS,
+    PARITY_TOL,
+    check_parity,
     export_checkpoint,
     export_policy,
     export_teacher_denoiser,
@@ -23,6 +26,7 @@ from koopman_policy.onnx_export import (
     read_metadata,
     state_dict_sha256,
 )
+from koopman_policy.onnx_format import POLICY_KEYS, SCHEDULER_KEYS
 from koopman_policy.onnx_policy import OnnxDenoiserLoop, OnnxPolicy
 from koopman_policy.registry import POLICIES
 
@@ -36,7 +40,7 @@ def make_policy(method: str, seed: int = 0):
     torch.manual_seed(seed)
     cls = POLICIES[method]
     kw = {"down_dims": (16, 32), "step_embed_dim": 16} if method == "teacher" else {}
-    policy = cls(cls.config_class(**kw)).eval()
+    policy = cls(cls.config_class(**kw, **task_fields())).eval()
     obs = torch.randn(256, 2, 20) * torch.linspace(0.1, 3.0, 20) + torch.linspace(-1.0, 2.0, 20)
     obs[..., 19] = 0.4  # fixed pillar height: a constant dimension
     action = torch.rand(256, 16, 7) * 3.0 - 1.5
@@ -64,6 +68,7 @@ def test_policy_parity_and_interface(method: str, tmp_path) -> None:
     meta = read_metadata(path)
     assert set(POLICY_KEYS) <= set(meta)
     assert meta["method"] == method and meta["weights_sha256"] == state_dict_sha256(policy)
+    assert meta["inputs"] == ["obs", "noise"] and meta["contract"] == policy.config.contract
 
     runtime = OnnxPolicy(path)
     obs, noise = random_inputs(policy, N)
@@ -84,6 +89,8 @@ def test_policy_parity_and_interface(method: str, tmp_path) -> None:
     one = runtime.predict_action(obs[0].numpy(), noise[0].numpy())
     assert one.shape == (16, 7) and np.abs(one - want_action[0]).max() < TOL
     assert isinstance(runtime.last_ood_score, float)
+    report = check_parity(policy, path, samples=32)
+    assert set(report.max_abs) == {"action", "ood_score"} and report.ok and report.worst <= PARITY_TOL
 
 
 def test_unet_oneflow_parity(tmp_path) -> None:
@@ -170,3 +177,21 @@ def test_metadata_extra_and_checkpoint_provenance(tmp_path) -> None:
         export_policy(policy, tmp_path / "x.onnx", {"horizon": 8})
     with pytest.raises(ValueError, match="action_limit_low"):
         export_policy(policy, tmp_path / "x.onnx", {"action_limit_low": [0.0]})
+    with pytest.raises(ValueError, match="contract"):
+        export_policy(policy, tmp_path / "x.onnx", {"contract": {}})
+
+
+def test_every_export_carries_a_contract_that_fits(tmp_path) -> None:
+    """The contract comes from the config or is given; one that does not describe the model is refused."""
+    policy = make_policy("bc")
+    pusht = Contract.from_dict(task_fields("pusht")["contract"])
+    with pytest.raises(ContractError, match="its observation names"):
+        export_policy(policy, tmp_path / "x.onnx", contract=pusht)
+    legacy = POLICIES["bc"](dataclasses.replace(policy.config, contract=None))
+    with pytest.raises(ContractError, match="records no observation and action contract"):
+        export_policy(legacy, tmp_path / "x.onnx")
+    given = Contract.from_dict(policy.config.contract)
+    path = export_policy(legacy, tmp_path / "given.onnx", contract=given)
+    assert OnnxPolicy(path).metadata.contract == given
+    den = export_teacher_denoiser(make_policy("teacher"), tmp_path / "denoiser.onnx")
+    assert Contract.from_dict(read_metadata(den)["contract"]) == given

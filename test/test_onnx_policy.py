@@ -1,8 +1,11 @@
-"""OnnxPolicy runtime: file validation, input validation, providers, noise seeding, action queue."""
+"""OnnxPolicy runtime: file validation (the contract among it), input validation, providers, noise seeding,
+action queue; the runtime imports no torch."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from policy_fields import task_fields
 
 from koopman_policy.onnx_export import export_policy, export_teacher_denoiser, file_sha256
 from koopman_policy.onnx_policy import ModelLoadError, OnnxDenoiserLoop, OnnxPolicy, load_onnx
@@ -20,7 +24,7 @@ def _policy(method: str):
     torch.manual_seed(0)
     cls = POLICIES[method]
     kw = {"down_dims": (16, 32), "step_embed_dim": 16} if method == "teacher" else {}
-    policy = cls(cls.config_class(**kw)).eval()
+    policy = cls(cls.config_class(**kw, **task_fields())).eval()
     policy.fit_normalizers(torch.randn(64, 2, 20) * 2.0, torch.rand(64, 16, 7) * 2.0 - 1.0)
     return policy
 
@@ -62,6 +66,47 @@ def test_missing_metadata_key(dkoopman_file: str, tmp_path) -> None:
         OnnxPolicy(_rewrite(dkoopman_file, tmp_path / "m.onnx", drop))
 
 
+def _set_meta(model: onnx.ModelProto, key: str, value) -> None:
+    keep = [p for p in model.metadata_props if p.key != key]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    if value is not None:
+        model.metadata_props.add(key=key, value=json.dumps(value))
+
+
+def test_a_file_without_its_contract_is_refused_with_the_fix(dkoopman_file: str, tmp_path) -> None:
+    with pytest.raises(ModelLoadError, match=r"no observation and action contract.*koopman-distill export "
+                                             r"--checkpoint DIR"):
+        OnnxPolicy(_rewrite(dkoopman_file, tmp_path / "old.onnx", lambda m: _set_meta(m, "contract", None)))
+    contract = OnnxPolicy(dkoopman_file).metadata.contract
+    assert contract.task == "gen3_reach_obstacle" and contract.action_joints == tuple(f"joint_{i}" for i in
+                                                                                     range(1, 8))
+    other = json.loads(json.dumps(contract.to_dict()))
+    other["control_dt"] = 0.05
+    with pytest.raises(ModelLoadError, match=r"control_dt 0\.05 s, the model acts every 0\.1 s"):
+        OnnxPolicy(_rewrite(dkoopman_file, tmp_path / "dt.onnx", lambda m: _set_meta(m, "contract", other)))
+    other = json.loads(json.dumps(contract.to_dict()))
+    other["observation"] = other["observation"][:2]
+    with pytest.raises(ModelLoadError, match="its observation names"):
+        OnnxPolicy(_rewrite(dkoopman_file, tmp_path / "obs.onnx", lambda m: _set_meta(m, "contract", other)))
+
+
+def test_runtime_imports_no_torch() -> None:
+    """The serving modules import where torch, diffusers, onnx and safetensors.torch cannot be imported."""
+    prelude = ("import sys\n"
+               "class Block:\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name.partition('.')[0] in ('torch', 'diffusers', 'onnx') or name == 'safetensors.torch':\n"
+               "            raise ImportError(name)\n"
+               "sys.meta_path.insert(0, Block())\n"
+               "import koopman_policy, koopman_policy.onnx_policy, koopman_policy.loader, koopman_policy.catalog\n"
+               "import koopman_policy.contract, koopman_policy.onnx_format, koopman_policy.checkpoint\n"
+               "print(sorted(m for m in sys.modules if m.partition('.')[0] in ('torch', 'onnx')))\n")
+    out = subprocess.run([sys.executable, "-c", prelude], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_shapes_must_match_metadata(dkoopman_file: str, tmp_path) -> None:
     def lie(model: onnx.ModelProto) -> None:
         for p in model.metadata_props:
@@ -81,11 +126,18 @@ def test_sha256_must_match(dkoopman_file: str) -> None:
         OnnxPolicy(dkoopman_file, expected_sha256="0" * 64)
 
 
-def test_kind_mismatch_is_refused(tmp_path) -> None:
+def test_the_runtime_follows_the_metadata_kind(tmp_path, dkoopman_file: str) -> None:
     den = export_teacher_denoiser(_policy("teacher"), tmp_path / "denoiser.onnx")
-    with pytest.raises(ModelLoadError, match="OnnxDenoiserLoop"):
+    with pytest.raises(ModelLoadError, match=r"holds a 'denoiser' graph.*load_onnx"):
         OnnxPolicy(den)
-    assert isinstance(load_onnx(den), OnnxDenoiserLoop)
+    with pytest.raises(ModelLoadError, match="holds a 'policy' graph"):
+        OnnxDenoiserLoop(dkoopman_file)
+    loop = load_onnx(den, sampler="ddim", num_inference_steps=4)
+    assert isinstance(loop, OnnxDenoiserLoop) and loop.num_inference_steps == 4 and loop.image_size is None
+    assert isinstance(load_onnx(dkoopman_file), OnnxPolicy)
+    bad = _rewrite(dkoopman_file, tmp_path / "kind.onnx", lambda m: _set_meta(m, "kind", "sampler"))
+    with pytest.raises(ModelLoadError, match="kind 'sampler' is not one of policy, denoiser"):
+        load_onnx(bad)
 
 
 # -- runtime --------------------------------------------------------------------------------------------
@@ -123,6 +175,10 @@ def test_input_validation(dkoopman_file: str) -> None:
         policy.predict_action(ok, np.zeros((8, 7)))
     with pytest.raises(ValueError, match="noise contains NaN"):
         policy.predict_action(ok, np.full((16, 7), np.nan))
+    with pytest.raises(TypeError, match="takes obs"):
+        policy.predict_action(np.zeros((2, 64, 64, 3)), ok, np.zeros((16, 7)))  # a frame history for a state policy
+    np.testing.assert_array_equal(policy.predict_action(ok, np.zeros((16, 7), np.float32)),
+                                  policy.predict_action(ok, noise=np.zeros((16, 7), np.float32)))
 
 
 def test_seeded_noise_and_returned_arrays_are_owned(dkoopman_file: str) -> None:
@@ -147,7 +203,7 @@ def test_select_action_queue_and_safe_state(dkoopman_file: str) -> None:
     np.testing.assert_allclose(np.stack(got), chunk[1:9], atol=1e-6)
     with pytest.raises(ValueError, match="NaN"):
         policy.select_action(np.full(20, np.nan, np.float32))
-    assert len(policy._obs_queue) == 2 and np.isfinite(np.stack(policy._obs_queue)).all()
+    assert len(policy._queues["obs"]) == 2 and np.isfinite(np.stack(policy._queues["obs"])).all()
     nxt = reference.predict_action(np.stack([obs[7], obs[8]]))
     np.testing.assert_allclose(policy.select_action(obs[8]), nxt[1], atol=1e-6)  # replans from the history
     policy.reset()

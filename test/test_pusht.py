@@ -118,11 +118,18 @@ def test_eval_pusht_writes_coverage_success_and_latency(tmp_path) -> None:
     assert out.with_suffix(".md").is_file() and out.with_suffix(".png").is_file()
 
 
-def test_table_joins_both_tasks(tmp_path) -> None:
-    out = tmp_path / "table.json"
-    models = REPO / "models"
-    assert main(["table", "--results", "pusht", str(models / "eval_pusht.json"), str(models / "bench_pusht.json"),
-                 "--json", str(out)]) == 0
+def test_table_joins_both_tasks_and_fills_its_region_of_a_document(tmp_path) -> None:
+    out, doc = tmp_path / "table.json", tmp_path / "results.md"
+    doc.write_text("# Results\nwords before\n<!-- results-table:begin -->\nold table\n<!-- results-table:end -->\n"
+                   "words after\n")
+    results = REPO / "results"
+    assert main(["table", "--results", "pusht", str(results / "eval_pusht.json"), str(results / "bench_pusht.json"),
+                 "--json", str(out), "--into", str(doc)]) == 0
+    text = doc.read_text()
+    assert "old table" not in text and text.startswith("# Results\nwords before\n") and text.endswith("words after\n")
+    assert out.with_suffix(".md").read_text() in text and "| pusht | teacher |" in text
+    assert main(["table", "--results", "pusht", str(results / "eval_pusht.json"), str(results / "bench_pusht.json"),
+                 "--json", str(out), "--into", str(REPO / "README.md")]) == 2  # no table region: refused
     table = json.loads(out.read_text())["pusht"]
     assert table["rows"]["pusht_teacher"]["flops_per_decision"] > table["rows"]["pusht_bc"]["flops_per_decision"]
     assert set(table["targets"]) >= {"best_student_at_least_teacher", "min_speedup"}

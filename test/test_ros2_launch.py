@@ -32,6 +32,14 @@ pytestmark = pytest.mark.slow
 ENV_REQUIREMENTS = REPO / "requirements.txt"
 
 LAUNCH = "ros2 launch koopman_control kinova.launch.py"
+#: The README's ROS 2 command lines this module runs as written (test_readme checks the README against it).
+README_LINES = (
+    "colcon build && source install/setup.bash",  # the workspace fixture
+    LAUNCH,  # default_stack
+    f"{LAUNCH} policy:=oneflow policy_rate:=100.0",  # test_oneflow_at_100hz
+    f"{LAUNCH} task:=pusht policy:=pusht_oneflow",  # test_pusht_launch
+    "ros2 param set /policy policy oneflow",  # test_policy_swap_at_run_time
+)
 MIN_EPISODES = 3
 MIN_SUCCESS_RATE = 0.6  # the default student succeeds in about 0.97 of episodes in process
 FIRST_RESULT_TIMEOUT = 180.0  # s: node start-up (torch, onnxruntime, MuJoCo imports) on a loaded 2-core machine
@@ -278,4 +286,18 @@ def test_oneflow_at_100hz(workspace: Shell, pytestconfig: pytest.Config) -> None
         _say(pytestconfig, f"oneflow at 100 Hz: {MIN_EPISODES} results within {time.monotonic() - t0:.0f} s")
         _report_startup(s, pytestconfig)
         _assert_episodes(s, _after_startup(s.results()), "policy:=oneflow policy_rate:=100.0", pytestconfig)
+        _assert_stopped_cleanly(s)
+
+
+def test_pusht_launch(workspace: Shell, pytestconfig: pytest.Config) -> None:
+    """``task:=pusht policy:=pusht_oneflow``: the same launch file serves Push-T; the pusher's chunks flow (an
+    episode lasts 30 s, so this waits for chunks, not for a result)."""
+    with running_stack(workspace, "task:=pusht policy:=pusht_oneflow", DOMAIN + 2) as s:
+        t0 = time.monotonic()
+        r = s.ros2("topic echo --once --no-daemon --field joint_names /policy/action_chunk",
+                   timeout=FIRST_RESULT_TIMEOUT)
+        if r.returncode or "agent_x" not in r.stdout:
+            s.fail(f"no Push-T chunk on /policy/action_chunk (rc {r.returncode}):\n{r.stdout}\n{r.stderr}")
+        assert s.param_get("/policy", "policy") == "pusht_oneflow"
+        _say(pytestconfig, f"task:=pusht policy:=pusht_oneflow: first chunk {time.monotonic() - t0:.0f} s after start")
         _assert_stopped_cleanly(s)

@@ -270,7 +270,7 @@ def test_closed_loop_episodes_with_shipped_student_reach_target(contexts) -> Non
         results = node.driver.results[:3]
         stack.check()
     # The node redraws its noise per decision, keyed on the tick stamps, so an episode through DDS is one
-    # draw of a policy that succeeds in 0.97 of them (139 of 143 in models/bench_stack_10hz.json): two of three.
+    # draw of a policy that succeeds in 0.97 of them (139 of 143 in results/bench_stack_10hz.json): two of three.
     reached = [r for r in results if r["success"] and not r["collision"]]
     assert len(reached) >= 2, results
     assert all(r["min_distance"] < 0.02 for r in reached), reached

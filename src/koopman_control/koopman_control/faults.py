@@ -71,8 +71,10 @@ def _publish(node: Any, kind: str, duration: float) -> dict[str, Any]:
         pub = node.create_publisher(JointState, topics.JOINT_STATES, qos.SENSOR_PUB)
     else:
         pub = node.create_publisher(JointTrajectory, topics.ACTION_CHUNK, qos.CONTROL)
+    # Discovery before the clock starts: every subscriber the graph knows of (the ingest is one of several on
+    # joint_states) matched, or the stop would be timed from messages nobody received yet.
     t_end = time.monotonic() + 5.0
-    while pub.get_subscription_count() == 0 and time.monotonic() < t_end:  # discovery, before the clock starts
+    while time.monotonic() < t_end and not 0 < node.count_subscribers(pub.topic_name) <= pub.get_subscription_count():
         time.sleep(0.01)
     start = time.time_ns()
     sent = 0
@@ -182,7 +184,7 @@ def fault_run(stack: Any, *, duration: float, period: float = 10.0, domain_id: i
             k += 1
             t_slot = time.monotonic()
             before = _counts(stack)
-            rec = _one_fault(stack, kind, domain_id)
+            rec = _one_fault(stack, kind, domain_id, robot)
             wait = period - (time.monotonic() - t_slot)
             t_end = time.monotonic() + max(0.0, wait)
             while time.monotonic() < t_end:
@@ -202,12 +204,15 @@ def fault_run(stack: Any, *, duration: float, period: float = 10.0, domain_id: i
     return {"faults": faults, "period_s": period, "cycle": list(cycle)}
 
 
-def _one_fault(stack: Any, kind: str, domain_id: int | None) -> dict[str, Any]:
+def _one_fault(stack: Any, kind: str, domain_id: int | None, robot: str) -> dict[str, Any]:
     if kind == "kill-teacher":
         start = time.time_ns()
         code = stack.kill("teacher")
         return {"fault": kind, "start_ns": start, "end_ns": time.time_ns(), "exit_code": code}
     if kind == "kill-policy":
+        # Killed while the arm follows its plan, the case that needs the watchdog: between episodes the arm
+        # already holds and there is nothing to stop.
+        _wait_tracking(stack, robot, 5.0)
         start = time.time_ns()
         code = stack.kill("policy")
         t_dead = time.time_ns()
@@ -223,6 +228,16 @@ def _one_fault(stack: Any, kind: str, domain_id: int | None) -> dict[str, Any]:
     if res.returncode != 0 or not lines:
         return {"fault": kind, "error": f"inject-fault exited {res.returncode}: {res.stderr[-500:]}"}
     return json.loads(lines[-1])
+
+
+def _wait_tracking(stack: Any, robot: str, timeout: float) -> bool:
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        ok, msg = stack.call_trigger(f"/{robot}/metrics", 2.0)
+        if ok and json.loads(msg).get("commands", {}).get("state") == "tracking":
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def _counts(stack: Any) -> dict[str, dict[str, int]]:

@@ -198,11 +198,17 @@ def build_stack(args: StackArgs | None = None, root: str | Path | None = None,
         from koopman_control.core.sim_tasks import TASKS
         from koopman_control.kortex import command_checks
 
-        if contract.task not in TASKS:
-            raise StackError(f"the sim runs {', '.join(TASKS)}, not task {contract.task!r}: drive a robot that runs "
-                             "it (robot:=ros2_control, kortex or kortex-standin)")
-        sim: dict[str, Any] = {"task": contract.task, "publish_camera": use_camera}
-        if contract.task == "gen3_reach_obstacle":
+        # A task of the user's own is served by the sim's scene whose topics carry everything it observes.
+        scene = contract.task if contract.task in TASKS else str((overrides or {}).get("sim", {}).get(
+            "task", "gen3_reach_obstacle"))
+        if scene not in TASKS:
+            raise StackError(f"the sim runs {', '.join(TASKS)}, not {scene!r}")
+        lacking = contract.missing_from(resolve_contract(scene)) if scene != contract.task else []
+        if lacking:
+            raise StackError(f"the sim's {scene} scene cannot feed task {contract.task!r}: " + "; ".join(lacking)
+                             + " (drive a robot that does: robot:=ros2_control, kortex or kortex-standin)")
+        sim: dict[str, Any] = {"task": scene, "publish_camera": use_camera}
+        if scene == "gen3_reach_obstacle":
             try:
                 sim.update(command_checks(root))
             except FileNotFoundError as err:

@@ -8,7 +8,12 @@ Teacher data (written by ``koopman-distill teacher-data``) is HDF5 with keys
 ``/obs (N, To, Do) float32`` raw observations, ``/states (N, K + 1, H, Da) float32`` the teacher's DDIM
 trajectory in normalised action space (``states[:, 0]`` = x_T, ``states[:, -1]`` = x_0) and
 ``/timesteps (K + 1,) int64``; attributes ``teacher_sha256``, ``dataset_sha256``, ``steps``, ``draws`` and
-``visited_sha256`` (the visited-state files it also ran on, comma-separated).
+``visited_sha256`` (the visited-state files it also ran on, comma-separated). A camera teacher's data holds the
+raw *state* windows in ``/obs`` and adds ``/frame_index (N, To) int64``, the rows of the demonstrations'
+``/images`` each window sees, and the attribute ``dataset_path``.
+
+Camera windows gather frames by index from one ``(frames, H, W, 3)`` uint8 store (:class:`FrameWindows`), so a
+history of ``To`` frames, and the teacher's ``draws`` trajectories per window, cost no copies of the images.
 
 Visited states (written by ``koopman-distill visit``) is HDF5 with ``/obs (N, To, Do) float32``: the
 observation histories a policy met in closed loop, with the rollout's settings and results as attributes.
@@ -56,6 +61,43 @@ def episode_windows(
     }
 
 
+class FrameWindows:
+    """Windows ``(N, To, ...)`` that gather rows of one per-frame store on indexing: image windows from
+    ``(frames, H, W, 3)`` uint8, or keypoint windows from ``(frames, 2K)`` precomputed features.
+
+    Quacks like a tensor where the training loop needs it (``len``, ``windows[idx]``), so image batches
+    flow through ``koopman_distill.train.train`` unchanged.
+    """
+
+    def __init__(self, frames: torch.Tensor, index: torch.Tensor) -> None:
+        if frames.dim() < 2:
+            raise ValueError(f"the frame store must have one row per frame, got shape {tuple(frames.shape)}")
+        if index.dim() != 2 or (len(index) and (int(index.min()) < 0 or int(index.max()) >= len(frames))):
+            raise ValueError(f"frame index must be (N, To) with rows of the {len(frames)} frames")
+        self.frames, self.index = frames, index.long()
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, idx: torch.Tensor | slice) -> torch.Tensor:
+        return self.frames[self.index[idx]]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.index), self.index.shape[1], *self.frames.shape[1:])
+
+
+def frame_index_windows(episode_ends: np.ndarray, n_obs_steps: int) -> np.ndarray:
+    """Global frame rows ``(N, To)`` of every observation window, padded like :func:`episode_windows`."""
+    rows, start = [], 0
+    for end in episode_ends:
+        idx = np.arange(int(end) - start)
+        first = idx - (n_obs_steps - 1)
+        rows.append(start + np.clip(first[:, None] + np.arange(n_obs_steps)[None], 0, len(idx) - 1))
+        start = int(end)
+    return np.concatenate(rows).astype(np.int64)
+
+
 @dataclass
 class TeacherData:
     obs: torch.Tensor
@@ -63,6 +105,7 @@ class TeacherData:
     timesteps: torch.Tensor
     sha256: str
     attrs: dict
+    frame_index: torch.Tensor | None = None  # camera teacher data: rows of the demonstrations' frames
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"obs": self.obs, "states": self.states}
@@ -87,9 +130,10 @@ def _write_h5(path: str | Path, datasets: dict[str, np.ndarray], attrs: dict[str
     tmp.replace(path)
 
 
-def _read_h5(path: str | Path, keys: tuple[str, ...], what: str, command: str) -> tuple[list[np.ndarray], dict]:
-    """The datasets ``keys`` and the attributes of ``what`` (written by ``koopman-distill command``); a missing,
-    unreadable or incomplete file is a clear error."""
+def _read_h5(path: str | Path, keys: tuple[str, ...], what: str, command: str,
+             optional: tuple[str, ...] = ()) -> tuple[list[np.ndarray | None], dict]:
+    """The datasets ``keys`` (then ``optional``, None where absent) and the attributes of ``what`` (written by
+    ``koopman-distill command``); a missing, unreadable or incomplete file is a clear error."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist (run `koopman-distill {command}`)")
@@ -98,23 +142,29 @@ def _read_h5(path: str | Path, keys: tuple[str, ...], what: str, command: str) -
             missing = [k for k in keys if k not in f]
             if missing:
                 raise ValueError(f"{what} {path} lacks {missing}")
-            return [f[k][()] for k in keys], dict(f.attrs)
+            return [f[k][()] for k in keys] + [f[k][()] if k in f else None for k in optional], dict(f.attrs)
     except OSError as err:
         raise ValueError(f"{what} {path} cannot be read: {err}") from None
 
 
 def write_teacher_data(path: str | Path, obs: torch.Tensor, states: torch.Tensor, timesteps: torch.Tensor,
-                       **attrs: object) -> None:
-    _write_h5(path, {"obs": obs.numpy().astype(np.float32), "states": states.numpy().astype(np.float32),
-                     "timesteps": timesteps.numpy().astype(np.int64)}, attrs)
+                       frame_index: torch.Tensor | None = None, **attrs: object) -> None:
+    datasets = {"obs": obs.numpy().astype(np.float32), "states": states.numpy().astype(np.float32),
+                "timesteps": timesteps.numpy().astype(np.int64)}
+    if frame_index is not None:
+        datasets["frame_index"] = frame_index.numpy().astype(np.int64)
+    _write_h5(path, datasets, attrs)
 
 
 def read_teacher_data(path: str | Path) -> TeacherData:
-    (obs, states, timesteps), attrs = _read_h5(path, ("obs", "states", "timesteps"), "teacher data", "teacher-data")
+    (obs, states, timesteps, frame_index), attrs = _read_h5(path, ("obs", "states", "timesteps"), "teacher data",
+                                                            "teacher-data", optional=("frame_index",))
     if obs.ndim != 3 or states.ndim != 4 or len(obs) != len(states) or states.shape[1] != len(timesteps):
         raise ValueError(f"teacher data {path} has inconsistent shapes: obs {obs.shape}, states {states.shape}")
+    if frame_index is not None and frame_index.shape != obs.shape[:2]:
+        raise ValueError(f"teacher data {path}: frame_index {frame_index.shape} does not match obs {obs.shape}")
     return TeacherData(torch.from_numpy(obs), torch.from_numpy(states), torch.from_numpy(timesteps),
-                       file_sha256(path), attrs)
+                       file_sha256(path), attrs, None if frame_index is None else torch.from_numpy(frame_index))
 
 
 def write_visited(path: str | Path, obs: np.ndarray, **attrs: object) -> None:

@@ -1,22 +1,24 @@
-"""Load any policy by catalogue name or path behind one numpy interface for evaluation.
+"""Any policy behind one numpy interface for evaluation, visits and replay.
 
-Students run through ONNX Runtime when their ``.onnx`` file exists (what the robot runs), otherwise
-through PyTorch; the teacher runs in PyTorch with its configured sampler, or through its ONNX export (DDIM-k)
-for a catalogue entry that names only that.
+Policies are loaded by :func:`koopman_policy.loader.open_policy` (the one loader of serving, evaluation and
+replay), backend ``auto`` by default: a student through ONNX Runtime when it is exported (what the robot runs),
+a diffusion teacher with its checkpoint through PyTorch with its configured sampler, the checkpoint of anything
+never exported. ``predict_action`` takes the policy's observation inputs in graph order, then the noise: the raw
+history ``obs (To, Do)`` of a state policy, or ``image (To, h, w, 3)`` (float in [0, 1]) and ``state (To, Do)``
+of a camera policy (``image_size`` is not None), each batched with a leading ``B`` if wanted.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from koopman_policy.base import BasePolicy
-from koopman_policy.catalog import resolve_policy
-from koopman_policy.checkpoint import load_policy
+from koopman_policy.loader import LoadedPolicy, open_policy
 
 
 class Runner(Protocol):
@@ -27,11 +29,16 @@ class Runner(Protocol):
     n_action_steps: int
     obs_dim: int
     action_dim: int
+    obs_names: tuple[str, ...]
+    control_dt: float
     num_parameters: int
     backend: str
     card: Path | None
+    image_size: tuple[int, int] | None  # camera policies: the frames they see (height, width)
+    camera: str | None  # the simulated camera rendering them
+    sampler: str | None  # a teacher's ("ddim-10"); None for one-step students
 
-    def predict_action(self, obs_history: np.ndarray, noise: np.ndarray) -> np.ndarray: ...
+    def predict_action(self, *inputs: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass
@@ -46,38 +53,48 @@ class TorchRunner:
         self.method = self.policy.method
         self.horizon, self.n_obs_steps, self.n_action_steps = c.horizon, c.n_obs_steps, c.n_action_steps
         self.obs_dim, self.action_dim = c.obs_dim, c.action_dim
+        self.obs_names, self.control_dt = tuple(c.obs_names), c.control_dt
         self.num_parameters = self.policy.num_parameters()
+        image = getattr(self.policy, "image_inputs", False)
+        self.image_size = (c.image_height, c.image_width) if image else None
+        self.camera = c.camera if image else None
+        self.sampler = f"{c.sampler}-{c.num_inference_steps}" if hasattr(c, "sampler") else None
 
     @torch.no_grad()
-    def predict_action(self, obs_history: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        squeeze = obs_history.ndim == 2
-        obs = torch.from_numpy(np.asarray(obs_history, np.float32))
-        eps = torch.from_numpy(np.asarray(noise, np.float32))
+    def predict_action(self, *inputs: np.ndarray) -> np.ndarray:
+        *observation, noise = (torch.from_numpy(np.asarray(x, np.float32)) for x in inputs)
+        squeeze = observation[-1].dim() == 2
         if squeeze:
-            obs, eps = obs[None], eps[None]
-        chunk = self.policy.predict_action(obs, eps).numpy()
+            observation, noise = [x[None] for x in observation], noise[None]
+        obs: Any = observation[0] if self.image_size is None else {"image": observation[0], "state": observation[1]}
+        chunk = self.policy.predict_action(obs, noise).numpy()
         return chunk[0] if squeeze else chunk
 
 
 @dataclass
 class OnnxRunner:
+    """An exported file through its runtime (``OnnxPolicy``, or a teacher's ``OnnxDenoiserLoop``)."""
+
     name: str
-    path: Path
+    model: Any
     num_parameters: int
     card: Path | None = None
     backend: str = "onnx"
 
     def __post_init__(self) -> None:
-        from koopman_policy.onnx_policy import OnnxPolicy
+        m = self.model.metadata
+        self.method = m.method
+        self.horizon, self.n_obs_steps, self.n_action_steps = m.horizon, m.n_obs_steps, m.n_action_steps
+        self.obs_dim, self.action_dim = m.obs_dim, m.action_dim
+        self.obs_names, self.control_dt = tuple(m.obs_names), m.control_dt
+        self.image_size = self.model.image_size
+        self.camera = m.image.camera if m.image is not None else None
+        steps = getattr(self.model, "num_inference_steps", m.num_inference_steps)
+        sampler = getattr(self.model, "sampler", m.sampler)
+        self.sampler = f"{sampler}-{steps}" if sampler else None
 
-        self.session = OnnxPolicy(self.path)
-        meta = self.session.metadata
-        self.method = meta.method
-        self.horizon, self.n_obs_steps, self.n_action_steps = meta.horizon, meta.n_obs_steps, meta.n_action_steps
-        self.obs_dim, self.action_dim = meta.obs_dim, len(meta.action_names)
-
-    def predict_action(self, obs_history: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        return self.session.predict_action(obs_history, noise)
+    def predict_action(self, *inputs: np.ndarray) -> np.ndarray:
+        return self.model.predict_action(*inputs)
 
 
 def onnx_parameters(path: Path) -> int:
@@ -91,19 +108,17 @@ def onnx_parameters(path: Path) -> int:
                    if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 1 and np.prod(t.dims) > 1))
 
 
+def runner_for(loaded: LoadedPolicy) -> Runner:
+    """The runner of a loaded policy; an ONNX file counts the parameters its model card records (the
+    checkpoint's), else those stored in the graph."""
+    entry = loaded.entry
+    if loaded.backend == "torch":
+        return TorchRunner(entry.name, loaded.model, entry.card)
+    params = entry.card_data().get("parameters")
+    return OnnxRunner(entry.name, loaded.model, int(params) if params else onnx_parameters(loaded.source),
+                      entry.card)
+
+
 def load_runner(name_or_path: str, backend: str = "auto") -> Runner:
-    entry = resolve_policy(name_or_path)
-    if backend not in ("auto", "torch", "onnx"):
-        raise ValueError(f"backend must be auto, torch or onnx, got {backend!r}")
-    checkpoint = load_policy(entry.checkpoint) if entry.checkpoint else None
-    onnx = entry.onnx if entry.onnx and Path(entry.onnx).is_file() else None
-    # A teacher runs its checkpoint's sampler unless the entry has only the ONNX export (DDIM-k unrolled).
-    prefer_onnx = entry.method != "teacher" or checkpoint is None
-    if backend == "onnx" or (backend == "auto" and onnx is not None and prefer_onnx):
-        if onnx is None:
-            raise FileNotFoundError(f"policy {entry.name!r} has no ONNX file")
-        params = checkpoint.num_parameters() if checkpoint is not None else onnx_parameters(Path(onnx))
-        return OnnxRunner(entry.name, Path(onnx), params, entry.card)
-    if checkpoint is None:
-        raise FileNotFoundError(f"policy {entry.name!r} has no PyTorch checkpoint")
-    return TorchRunner(entry.name, checkpoint, entry.card)
+    """A catalogue name or path, resolved once (``backend`` as :func:`koopman_policy.loader.open_policy`)."""
+    return runner_for(open_policy(name_or_path, backend))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from koopman_policy.normalizer import Normalizer
+from koopman_policy.onnx_format import IMAGE_POLICY_INPUTS, POLICY_INPUTS
 
 
 @dataclass
@@ -32,6 +33,9 @@ class PolicyConfig:
     control_dt: float = 0.1
     obs_names: list[str] = field(default_factory=list)
     action_names: list[str] = field(default_factory=list)
+    # The observation and action contract (koopman_policy.contract.Contract.to_dict()): what the names above
+    # are on a robot. Recorded from the dataset; None in configs written before contracts existed.
+    contract: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -47,16 +51,30 @@ class PolicyConfig:
 
 
 class ExportModule(nn.Module):
-    """The graph that ONNX export traces: raw observations and noise in, raw chunk and OOD score out."""
+    """The graph that ONNX export traces (``POLICY_INPUTS``): raw observations and noise in, raw chunk and OOD
+    score out."""
 
     def __init__(self, policy: BasePolicy) -> None:
         super().__init__()
         self.policy = policy
 
     def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        obs_n = self.policy.encode_obs(obs)
+        return self.chunk(self.policy.encode_obs(obs), noise)
+
+    def chunk(self, obs_n: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x0, ood = self.policy.sample_normalized(obs_n, noise)
         return self.policy.action_normalizer.unnormalize(x0), ood
+
+
+class ImageExportModule(ExportModule):
+    """A camera policy's graph (``IMAGE_POLICY_INPUTS``): frames in [0, 1], the raw joint state and noise in,
+    the same outputs."""
+
+    def forward(  # type: ignore[override]
+        self, image: torch.Tensor, state: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        image_key, state_key, _ = IMAGE_POLICY_INPUTS
+        return self.chunk(self.policy.encode_obs({image_key: image, state_key: state}), noise)
 
 
 class BasePolicy(nn.Module):
@@ -175,3 +193,9 @@ class BasePolicy(nn.Module):
 
     def export_module(self) -> nn.Module:
         return ExportModule(self)
+
+    def export_example_inputs(self, batch: int = 2) -> dict[str, torch.Tensor]:
+        """The exported graph's inputs by name, in graph order (zeros, for tracing)."""
+        c = self.config
+        obs, noise = POLICY_INPUTS
+        return {obs: torch.zeros(batch, c.n_obs_steps, c.obs_dim), noise: torch.zeros(batch, c.horizon, c.action_dim)}

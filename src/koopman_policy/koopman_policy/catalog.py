@@ -124,19 +124,19 @@ def _entry_from_path(path: Path) -> PolicyEntry:
     if path.is_dir():
         from koopman_policy.checkpoint import read_config
 
-        method = read_config(path)["method"]
+        meta = read_config(path)
         existing = {f: path / n for f, n in (("onnx", "policy.onnx"), ("onnx_denoiser", "denoiser.onnx"),
                                              ("card", "card.json"))}
         files = {f: (p if p.is_file() else None) for f, p in existing.items()}
-        from koopman_policy.registry import IMAGE_POLICIES
-
-        inputs = "image" if method in IMAGE_POLICIES else "state"
-        return PolicyEntry(name=path.resolve().name, method=method, checkpoint=path, inputs=inputs, **files)
-    from koopman_policy.onnx_export import read_metadata
+        # Image policies' configs carry the frame size (koopman_policy.vision.VisionFields).
+        inputs = "image" if "image_height" in meta["config"] else "state"
+        return PolicyEntry(name=path.resolve().name, method=str(meta["method"]), checkpoint=path, inputs=inputs,
+                           **files)
+    from koopman_policy.onnx_format import read_metadata
 
     try:
         meta = read_metadata(path)
-    except Exception as err:  # onnx raises protobuf decode errors of several types
+    except (OSError, ValueError) as err:
         raise UnknownPolicyError(f"{path}: not a readable ONNX file: {err}") from None
     field = "onnx_denoiser" if meta.get("kind") == "denoiser" else "onnx"
     inputs = "image" if "image" in (meta.get("inputs") or ()) else "state"

@@ -1,20 +1,18 @@
 """Checkpoints as ``model.safetensors`` plus ``config.json``: nothing is ever unpickled.
 
 ``config.json`` holds ``{"method": ..., "config": {...}, "extra": {...}}``; ``extra`` carries provenance
-(training command, data hash, commit) and anything a caller wants kept beside the weights.
+(training command, data hash, commit) and anything a caller wants kept beside the weights. Reading a
+checkpoint's config needs no torch (the catalogue does it where only the ONNX runtime is installed).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file, save_file
-
-from koopman_policy.base import BasePolicy
-from koopman_policy.registry import policy_class
+if TYPE_CHECKING:
+    from koopman_policy.base import BasePolicy
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -25,6 +23,8 @@ class CheckpointError(ValueError):
 
 
 def save_policy(policy: BasePolicy, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    from safetensors.torch import save_file
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
@@ -49,6 +49,10 @@ def read_config(directory: str | Path) -> dict[str, Any]:
 
 def load_policy(directory: str | Path, map_location: str = "cpu") -> BasePolicy:
     """Rebuild a policy from its directory; strict: every tensor must match the config's shapes."""
+    from safetensors.torch import load_file
+
+    from koopman_policy.registry import policy_class
+
     directory = Path(directory)
     meta = read_config(directory)
     cls = policy_class(meta["method"])
@@ -72,4 +76,6 @@ def load_extra(directory: str | Path) -> dict[str, Any]:
 
 
 def to_device(policy: BasePolicy, device: str) -> BasePolicy:
+    import torch
+
     return policy.to(torch.device(device))

@@ -1,10 +1,15 @@
-"""Serve exported policies with ONNX Runtime and numpy alone (no torch at run time).
+"""Serve exported policies with ONNX Runtime and numpy alone: no torch, no diffusers, no ``onnx`` package.
 
-:class:`OnnxPolicy` runs a ``policy.onnx`` (one-step students, or the teacher's unrolled DDIM-k) behind
-the same interface as the torch policies: ``reset()``, ``predict_action(obs_history, noise=None)``,
-``select_action(obs)`` with an action queue, ``metadata`` and ``last_ood_score``.
-:class:`OnnxDenoiserLoop` (alias :data:`OnnxTeacher`) runs the teacher's exported U-Net inside a numpy
-DDIM-k or DDPM loop that replicates diffusers' step arithmetic.
+:class:`OnnxPolicy` runs a one-step ``policy.onnx`` (a student, or the teacher's DDIM-k unrolled into one graph)
+behind the torch policies' interface: ``reset()``, ``predict_action``, ``select_action`` with an action queue,
+``metadata`` and ``last_ood_score``. It serves state policies (graph inputs ``obs``, ``noise``) and camera policies
+(``image``, ``state``, ``noise``) alike: the metadata's ``inputs`` name the graph's inputs, and the observation
+inputs among them are ``predict_action``'s positional arguments in that order, the noise optional after them.
+:class:`OnnxDenoiserLoop` runs the teacher's exported U-Net inside a numpy DDIM-k or DDPM loop that replicates
+diffusers' step arithmetic. :func:`load_onnx` opens a file once and picks the runtime from its metadata ``kind``.
+
+Every file must carry its observation and action contract (:mod:`koopman_policy.contract`), consistent with
+its names and rate; a file exported before contracts is refused with the command that re-exports it.
 
 Design choices, each for the control loop:
 
@@ -31,17 +36,21 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import onnxruntime as ort
 
-from koopman_policy.onnx_export import (
+from koopman_policy.contract import Contract, ContractError, ImageSpec, consistent
+from koopman_policy.onnx_format import (
     DENOISER_INPUTS,
     DENOISER_OUTPUTS,
+    IMAGE_POLICY_INPUTS,
+    KINDS,
     POLICY_INPUTS,
     POLICY_KEYS,
     POLICY_OUTPUTS,
+    REEXPORT_HINT,
     SCHEDULER_KEYS,
     file_sha256,
 )
@@ -53,6 +62,8 @@ _MIN_RANGE = 1e-4  # as koopman_policy.normalizer
 # Providers that failed to initialise in this process (missing libraries or device): probing them again for
 # every file only repeats onnxruntime's error output, so later loads skip them with the remembered reason.
 _UNUSABLE_PROVIDERS: dict[str, str] = {}
+#: The graph inputs each kind of file may have.
+_INPUTS = {"policy": (POLICY_INPUTS, IMAGE_POLICY_INPUTS), "denoiser": (DENOISER_INPUTS,)}
 
 
 class ModelLoadError(ValueError):
@@ -65,6 +76,7 @@ class PolicyMetadata:
 
     kind: str
     method: str
+    inputs: tuple[str, ...]
     obs_dim: int
     action_dim: int
     horizon: int
@@ -84,6 +96,7 @@ class PolicyMetadata:
     weights_sha256: str
     uses_noise: bool
     config: dict[str, Any]
+    contract: Contract
     file_sha256: str
     ood_threshold: float | None = None
     sampler: str | None = None
@@ -97,27 +110,40 @@ class PolicyMetadata:
         start = self.n_obs_steps - 1
         return slice(start, start + self.n_action_steps)
 
+    @property
+    def image(self) -> ImageSpec | None:
+        """The frames a camera policy sees (its contract's image feature); None for a state policy."""
+        feature = self.contract.image
+        return feature.image if feature is not None else None
+
     @classmethod
     def from_props(cls, props: dict[str, str], sha: str, path: Path) -> PolicyMetadata:
         try:
             raw = {k: json.loads(v) for k, v in props.items()}
         except json.JSONDecodeError as err:
             raise ModelLoadError(f"{path}: metadata value is not JSON: {err}") from None
-        required = POLICY_KEYS + (SCHEDULER_KEYS if raw.get("kind") == "denoiser" else ())
+        if raw.get("kind") not in KINDS:
+            raise ModelLoadError(f"{path}: metadata kind {raw.get('kind')!r} is not one of {', '.join(KINDS)} "
+                                 "(not exported by koopman_policy?)")
+        if "contract" not in raw:
+            raise ModelLoadError(f"{path}: no observation and action contract in its metadata (exported before "
+                                 f"contracts); {REEXPORT_HINT}")
+        required = POLICY_KEYS + (SCHEDULER_KEYS if raw["kind"] == "denoiser" else ())
         missing = [k for k in required if k not in raw]
         if missing:
-            raise ModelLoadError(f"{path}: metadata lacks {', '.join(missing)} (not exported by koopman_policy?)")
+            raise ModelLoadError(f"{path}: metadata lacks {', '.join(missing)}; {REEXPORT_HINT}")
         try:
+            contract = Contract.from_dict(raw["contract"], f"{path}: metadata contract")
             vec = {k: np.asarray(raw[k], dtype=np.float32) for k in
                    ("obs_low", "obs_high", "action_low", "action_high", "action_limit_low", "action_limit_high")}
             meta = cls(
-                kind=str(raw["kind"]), method=str(raw["method"]), obs_dim=int(raw["obs_dim"]),
-                action_dim=int(raw["action_dim"]), horizon=int(raw["horizon"]),
+                kind=str(raw["kind"]), method=str(raw["method"]), inputs=tuple(raw["inputs"]),
+                obs_dim=int(raw["obs_dim"]), action_dim=int(raw["action_dim"]), horizon=int(raw["horizon"]),
                 n_obs_steps=int(raw["n_obs_steps"]), n_action_steps=int(raw["n_action_steps"]),
                 control_dt=float(raw["control_dt"]), obs_layout=str(raw["obs_layout"]),
                 obs_names=list(raw["obs_names"]), action_names=list(raw["action_names"]),
                 training_commit=str(raw["training_commit"]), weights_sha256=str(raw["weights_sha256"]),
-                uses_noise=bool(raw["uses_noise"]), config=dict(raw["config"]), file_sha256=sha,
+                uses_noise=bool(raw["uses_noise"]), config=dict(raw["config"]), contract=contract, file_sha256=sha,
                 ood_threshold=None if raw.get("ood_threshold") is None else float(raw["ood_threshold"]),
                 sampler=raw.get("sampler"),
                 num_inference_steps=None if raw.get("num_inference_steps") is None
@@ -125,6 +151,9 @@ class PolicyMetadata:
                 scheduler={k: raw[k] for k in SCHEDULER_KEYS if k in raw},
                 raw=raw, **vec,
             )
+            consistent(contract, meta.obs_names, meta.action_names, meta.control_dt)
+        except ContractError as err:
+            raise ModelLoadError(f"{path}: {err}") from None
         except (TypeError, ValueError) as err:
             raise ModelLoadError(f"{path}: malformed metadata: {err}") from None
         for key, dim in (("obs_low", meta.obs_dim), ("obs_high", meta.obs_dim), ("obs_names", meta.obs_dim),
@@ -135,6 +164,12 @@ class PolicyMetadata:
                 raise ModelLoadError(f"{path}: metadata {key} has {len(getattr(meta, key))} entries, expected {dim}")
         if meta.n_obs_steps < 1 or meta.n_obs_steps - 1 + meta.n_action_steps > meta.horizon:
             raise ModelLoadError(f"{path}: n_obs_steps/n_action_steps do not fit in horizon {meta.horizon}")
+        if meta.inputs not in _INPUTS[meta.kind]:
+            raise ModelLoadError(f"{path}: metadata inputs {list(meta.inputs)} are none of a {meta.kind} file's "
+                                 f"{' or '.join(str(list(i)) for i in _INPUTS[meta.kind])}")
+        if ("image" in meta.inputs) != (meta.image is not None):
+            raise ModelLoadError(f"{path}: the graph inputs {list(meta.inputs)} and the contract's observation "
+                                 f"features {[f.name for f in contract.observation]} disagree on an image")
         return meta
 
 
@@ -229,42 +264,66 @@ def _check_io(session: ort.InferenceSession, path: Path, expected: dict[str, tup
                 )
 
 
-class _OnnxModel:
-    """File validation, session creation and the action queue shared by the two runtimes."""
+@dataclass
+class OnnxFile:
+    """An exported file, checked and opened once: its session, the provider it runs on and its metadata."""
 
-    kind = "policy"
+    path: Path
+    session: ort.InferenceSession
+    provider: str
+    fallback_reasons: list[str]
+    metadata: PolicyMetadata
+
+    @classmethod
+    def open(cls, path: str | Path, providers: list[str] | tuple[str, ...] | None = None, intra_op_threads: int = 1,
+             expected_sha256: str | None = None) -> OnnxFile:
+        """Check the file (exists, sha256 when expected), create its session, read and check its metadata."""
+        path = Path(path)
+        if not path.exists():
+            raise ModelLoadError(f"{path}: no such file")
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: not a file")
+        sha = file_sha256(path)
+        if expected_sha256 is not None and sha != expected_sha256.strip().lower():
+            raise ModelLoadError(f"{path}: sha256 {sha} does not match the expected {expected_sha256}")
+        session, provider, reasons = create_session(path, providers, session_options(intra_op_threads))
+        metadata = PolicyMetadata.from_props(session.get_modelmeta().custom_metadata_map, sha, path)
+        return cls(path, session, provider, reasons, metadata)
+
+
+class _OnnxModel:
+    """An opened file of one kind, with the seeded noise and the observation and action queues of both runtimes.
+
+    ``source`` is a path (opened here with ``providers``, ``intra_op_threads``, ``expected_sha256``) or an
+    :class:`OnnxFile` :func:`load_onnx` has opened.
+    """
+
+    kind: ClassVar[str]
+    #: Frame size (height, width) of a camera policy; None for a policy that observes no image.
+    image_size: tuple[int, int] | None = None
 
     def __init__(
         self,
-        path: str | Path,
+        source: str | Path | OnnxFile,
         providers: list[str] | tuple[str, ...] | None = None,
         intra_op_threads: int = 1,
         seed: int = 0,
         expected_sha256: str | None = None,
     ) -> None:
-        self.path = Path(path)
-        if not self.path.exists():
-            raise ModelLoadError(f"{self.path}: no such file")
-        if not self.path.is_file():
-            raise ModelLoadError(f"{self.path}: not a file")
-        sha = file_sha256(self.path)
-        if expected_sha256 is not None and sha != expected_sha256.strip().lower():
-            raise ModelLoadError(f"{self.path}: sha256 {sha} does not match the expected {expected_sha256}")
-        self.intra_op_threads = intra_op_threads
-        self.session, self.provider, self.fallback_reasons = create_session(
-            self.path, providers, session_options(intra_op_threads)
-        )
-        props = self.session.get_modelmeta().custom_metadata_map
-        self.metadata = PolicyMetadata.from_props(props, sha, self.path)
+        opened = source if isinstance(source, OnnxFile) else OnnxFile.open(source, providers, intra_op_threads,
+                                                                             expected_sha256)
+        self.path, self.session, self.metadata = opened.path, opened.session, opened.metadata
+        self.provider, self.fallback_reasons = opened.provider, opened.fallback_reasons
         if self.metadata.kind != self.kind:
-            other = "OnnxDenoiserLoop" if self.metadata.kind == "denoiser" else "OnnxPolicy"
-            raise ModelLoadError(f"{self.path}: holds a {self.metadata.kind!r} graph; load it with {other}")
+            raise ModelLoadError(f"{self.path}: holds a {self.metadata.kind!r} graph, not a {self.kind!r} one; open "
+                                 "it with load_onnx, which picks the runtime from the metadata")
         m = self.metadata
-        self.obs_normalizer = MinMaxNormalizer(m.obs_low, m.obs_high)
-        self.action_normalizer = MinMaxNormalizer(m.action_low, m.action_high)
+        #: The graph's observation inputs, in order: predict_action's positional arguments.
+        self.observation_inputs: tuple[str, ...] = tuple(n for n in m.inputs if n not in ("noise", "sample",
+                                                                                           "timestep"))
         self.rng = np.random.default_rng(seed)
         self.last_ood_score: float | np.ndarray | None = None
-        self._obs_queue: deque[np.ndarray] = deque(maxlen=m.n_obs_steps)
+        self._queues = {name: deque(maxlen=m.n_obs_steps) for name in self.observation_inputs}
         self._action_queue: deque[np.ndarray] = deque()
         self._check_graph()
 
@@ -273,20 +332,32 @@ class _OnnxModel:
         raise NotImplementedError
 
     # -- validation ------------------------------------------------------------------------------------
-    def _check_obs(self, obs_history: Any) -> tuple[np.ndarray, bool]:
+    def _check_obs(self, obs_history: Any, name: str = "obs") -> tuple[np.ndarray, bool]:
         m = self.metadata
+        what = "state history" if name == "state" else "observation history"
         obs = np.asarray(obs_history, dtype=np.float32)
         single = obs.ndim == 2
         if single:
             obs = obs[None]
         if obs.ndim != 3 or obs.shape[1:] != (m.n_obs_steps, m.obs_dim) or obs.shape[0] < 1:
             raise ValueError(
-                f"{m.method}: observation history must have shape ({m.n_obs_steps}, {m.obs_dim}) or "
+                f"{m.method}: {what} must have shape ({m.n_obs_steps}, {m.obs_dim}) or "
                 f"(B, {m.n_obs_steps}, {m.obs_dim}), got {np.shape(obs_history)}"
             )
         if not np.isfinite(obs).all():
-            raise ValueError(f"{m.method}: observation history contains NaN or inf")
+            raise ValueError(f"{m.method}: {what} contains NaN or inf")
         return obs, single
+
+    def _check_image(self, image: Any, batch: int) -> np.ndarray:
+        """Frames ``(To, h, w, 3)`` or ``(B, To, h, w, 3)``, uint8 or float in [0, 1] -> ``(B, To, h, w, 3)``."""
+        m = self.metadata
+        arr = _frames(image, m.method)
+        if arr.ndim == 4:
+            arr = arr[None]
+        want = (batch, m.n_obs_steps, *self.image_size, 3)
+        if arr.shape != want:
+            raise ValueError(f"{m.method}: image history must have shape {want[1:]} or {want}, got {np.shape(image)}")
+        return arr
 
     def _check_noise(self, noise: Any, batch: int) -> np.ndarray:
         m = self.metadata
@@ -302,35 +373,58 @@ class _OnnxModel:
             raise ValueError(f"{m.method}: noise contains NaN or inf")
         return arr
 
+    def _split_noise(self, inputs: tuple[Any, ...], noise: Any) -> tuple[tuple[Any, ...], Any]:
+        """The observation arrays and the noise of a call whose positional arguments follow the graph's inputs."""
+        n = len(self.observation_inputs)
+        if len(inputs) == n + 1 and noise is None:
+            return inputs[:n], inputs[n]
+        if len(inputs) != n:
+            raise TypeError(f"{self.metadata.method}: predict_action takes {', '.join(self.observation_inputs)} "
+                            f"(then optionally the noise), got {len(inputs)} positional arrays")
+        return inputs, noise
+
     def sample_noise(self, batch: int = 1) -> np.ndarray:
         m = self.metadata
         return self.rng.standard_normal((batch, m.horizon, m.action_dim), dtype=np.float32)
 
-    def predict_action(self, obs_history: Any, noise: Any = None) -> np.ndarray:
+    def predict_action(self, *inputs: Any, noise: Any = None) -> np.ndarray:
         raise NotImplementedError
 
     # -- closed loop -----------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget the observation history and the queued actions (start of an episode)."""
-        self._obs_queue.clear()
+        for queue in self._queues.values():
+            queue.clear()
         self._action_queue.clear()
         self.last_ood_score = None
 
-    def select_action(self, obs: Any) -> np.ndarray:
-        """One raw action ``(action_dim,)`` for one raw observation ``(obs_dim,)``; replans when the queue is
-        empty. A bad observation raises ``ValueError`` before any state changes."""
+    def select_action(self, *observation: Any) -> np.ndarray:
+        """One raw action ``(action_dim,)`` for one step of each observation input (a raw ``(obs_dim,)`` vector;
+        for a camera policy a frame ``(h, w, 3)`` and the state); replans when the queue is empty. A bad
+        observation raises ``ValueError`` before any state changes."""
         m = self.metadata
-        o = np.asarray(obs, dtype=np.float32)
-        if o.shape != (m.obs_dim,):
-            raise ValueError(f"{m.method}: observation must have shape ({m.obs_dim},), got {np.shape(obs)}")
-        if not np.isfinite(o).all():
-            raise ValueError(f"{m.method}: observation contains NaN or inf")
-        if not self._obs_queue:
-            self._obs_queue.extend([o] * m.n_obs_steps)
-        else:
-            self._obs_queue.append(o)
+        if len(observation) != len(self.observation_inputs):
+            raise TypeError(f"{m.method}: select_action takes one step of {', '.join(self.observation_inputs)}, "
+                            f"got {len(observation)} arrays")
+        steps = []
+        for name, value in zip(self.observation_inputs, observation, strict=True):
+            if name == "image":
+                frame = _frames(value, m.method)
+                if frame.shape != (*self.image_size, 3):
+                    raise ValueError(f"{m.method}: a frame must have shape {(*self.image_size, 3)}, got "
+                                     f"{np.shape(value)}")
+            else:
+                frame = np.asarray(value, dtype=np.float32)
+                if frame.shape != (m.obs_dim,):
+                    raise ValueError(f"{m.method}: {name} must have shape ({m.obs_dim},), got {np.shape(value)}")
+                if not np.isfinite(frame).all():
+                    raise ValueError(f"{m.method}: {name} contains NaN or inf")
+            steps.append(frame)
+        for name, step in zip(self.observation_inputs, steps, strict=True):
+            queue = self._queues[name]
+            queue.extend([step] * (m.n_obs_steps if not queue else 1))
         if not self._action_queue:
-            chunk = self.predict_action(np.stack(self._obs_queue))
+            chunk = self.predict_action(*(np.stack(self._queues[n]) for n in self.observation_inputs))
             self._action_queue.extend(chunk[m.executed_slice])
         return self._action_queue.popleft()
 
@@ -343,49 +437,77 @@ class _OnnxModel:
         return bool(np.any(np.asarray(self.last_ood_score) > t))
 
 
+def _frames(image: Any, method: str) -> np.ndarray:
+    """Frames as float32 in [0, 1] (uint8 is divided by 255); ValueError for NaN or values outside [0, 1]."""
+    arr = np.asarray(image)
+    arr = arr.astype(np.float32) / np.float32(255.0) if arr.dtype == np.uint8 else arr.astype(np.float32, copy=False)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{method}: image history contains NaN or inf")
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if lo < -1e-3 or hi > 1.0 + 1e-3:
+        raise ValueError(f"{method}: images must lie in [0, 1] (uint8 / 255), got [{lo:.3g}, {hi:.3g}]")
+    return arr
+
+
 class OnnxPolicy(_OnnxModel):
-    """A ``policy.onnx`` in numpy: the torch policies' interface, one ONNX call per chunk."""
+    """A one-step ``policy.onnx`` in numpy, state or camera policy: one ONNX call per chunk."""
 
     kind = "policy"
 
     def _check_graph(self) -> None:
         m = self.metadata
         f32 = "tensor(float)"
-        _check_io(
-            self.session, self.path,
-            {"obs": (f32, (None, m.n_obs_steps, m.obs_dim)), "noise": (f32, (None, m.horizon, m.action_dim))},
-            {"action": (f32, (None, m.horizon, m.action_dim)), "ood_score": (f32, (None,))},
-        )
-        # Batch-1 buffers, bound once: a call copies obs and noise in and reads the outputs back.
-        self._obs1 = np.zeros((1, m.n_obs_steps, m.obs_dim), np.float32)
-        self._noise1 = np.zeros((1, m.horizon, m.action_dim), np.float32)
+        image = m.image
+        if image is not None:
+            self.image_size = (image.height, image.width)
+            #: The simulated camera whose frames the policy was trained on ("" for a real camera).
+            self.camera = image.camera
+        shapes = {"obs": (None, m.n_obs_steps, m.obs_dim), "state": (None, m.n_obs_steps, m.obs_dim),
+                  "noise": (None, m.horizon, m.action_dim)}
+        if self.image_size is not None:
+            shapes["image"] = (None, m.n_obs_steps, *self.image_size, 3)
+        _check_io(self.session, self.path, {name: (f32, shapes[name]) for name in m.inputs},
+                  {"action": (f32, (None, m.horizon, m.action_dim)), "ood_score": (f32, (None,))})
+        # Batch-1 buffers, bound once: a call copies its inputs in and reads the outputs back.
+        self._inputs1 = {name: np.zeros((1, *shapes[name][1:]), np.float32) for name in m.inputs}
         self._action1 = np.zeros((1, m.horizon, m.action_dim), np.float32)
         self._ood1 = np.zeros((1,), np.float32)
         self._binding = self.session.io_binding()
-        for name, buf in zip(POLICY_INPUTS, (self._obs1, self._noise1), strict=True):
+        for name, buf in self._inputs1.items():
             self._binding.bind_cpu_input(name, buf)
         for name, buf in zip(POLICY_OUTPUTS, (self._action1, self._ood1), strict=True):
             self._binding.bind_output(name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
 
-    def predict_action(self, obs_history: Any, noise: Any = None) -> np.ndarray:
-        """Raw chunk ``(H, Da)`` for a history ``(To, Do)``, or ``(B, H, Da)`` for ``(B, To, Do)``.
+    def predict_action(self, *inputs: Any, noise: Any = None) -> np.ndarray:
+        """Raw chunk ``(H, Da)`` for one history, ``(B, H, Da)`` for a batch of them.
 
-        ``noise`` (standard normal, ``(H, Da)`` or ``(B, H, Da)``) defaults to the seeded generator's.
-        ``last_ood_score`` becomes a float (single history) or a ``(B,)`` array.
+        The positional arguments are the graph's observation inputs in order (``metadata.inputs``): the raw
+        history ``obs (To, Do)``, or for a camera policy ``image (To, h, w, 3)`` (uint8, or float in [0, 1]) and
+        ``state (To, Do)``; each with a leading ``B`` for a batch. ``noise`` (standard normal, ``(H, Da)`` or
+        ``(B, H, Da)``; positional after them or by keyword) defaults to the seeded generator's.
+        ``last_ood_score`` becomes a float (one history) or a ``(B,)`` array. A bad input raises ValueError and
+        leaves ``last_ood_score`` as it was.
         """
-        obs, single = self._check_obs(obs_history)
+        observation, noise = self._split_noise(inputs, noise)
+        named = dict(zip(self.observation_inputs, observation, strict=True))
+        state_name = "state" if "state" in named else "obs"
+        obs, single = self._check_obs(named[state_name], state_name)
         batch = obs.shape[0]
+        feeds = {state_name: obs}
+        if "image" in named:
+            feeds["image"] = self._check_image(named["image"], batch)
         if batch == 1 and self.provider == "CPUExecutionProvider":
-            self._obs1[...] = obs
+            for name, value in feeds.items():
+                self._inputs1[name][...] = value
             if noise is None:
-                self.rng.standard_normal(out=self._noise1[0], dtype=np.float32)
+                self.rng.standard_normal(out=self._inputs1["noise"][0], dtype=np.float32)
             else:
-                self._noise1[...] = self._check_noise(noise, 1)
+                self._inputs1["noise"][...] = self._check_noise(noise, 1)
             self.session.run_with_iobinding(self._binding)
             action, ood = self._action1.copy(), self._ood1.copy()
         else:
-            noise = self.sample_noise(batch) if noise is None else self._check_noise(noise, batch)
-            action, ood = self.session.run(list(POLICY_OUTPUTS), {"obs": obs, "noise": noise})
+            feeds["noise"] = self.sample_noise(batch) if noise is None else self._check_noise(noise, batch)
+            action, ood = self.session.run(list(POLICY_OUTPUTS), feeds)
         self.last_ood_score = float(ood[0]) if single else ood
         return action[0] if single else action
 
@@ -464,7 +586,7 @@ class OnnxDenoiserLoop(_OnnxModel):
 
     def __init__(
         self,
-        path: str | Path,
+        source: str | Path | OnnxFile,
         providers: list[str] | tuple[str, ...] | None = None,
         intra_op_threads: int = 1,
         seed: int = 0,
@@ -474,8 +596,10 @@ class OnnxDenoiserLoop(_OnnxModel):
     ) -> None:
         if sampler not in ("ddim", "ddpm"):
             raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
-        super().__init__(path, providers, intra_op_threads, seed, expected_sha256)
-        self.scheduler = NumpyDiffusionScheduler(self.metadata.scheduler)
+        super().__init__(source, providers, intra_op_threads, seed, expected_sha256)
+        m = self.metadata
+        self.action_normalizer = MinMaxNormalizer(m.action_low, m.action_high)
+        self.scheduler = NumpyDiffusionScheduler(m.scheduler)
         self.sampler = sampler
         self.num_inference_steps = self.scheduler.n if sampler == "ddpm" else num_inference_steps
         self.scheduler.timesteps(self.num_inference_steps)  # validates the step count
@@ -495,7 +619,7 @@ class OnnxDenoiserLoop(_OnnxModel):
                                                                     strict=True)))
         return out
 
-    def predict_action(self, obs_history: Any, noise: Any = None, step_noise: Any = None) -> np.ndarray:
+    def predict_action(self, obs_history: Any, noise: Any = None, step_noise: Any = None) -> np.ndarray:  # type: ignore[override]
         """Raw chunk ``(H, Da)`` / ``(B, H, Da)`` from initial noise x_T (seeded when not given).
 
         ``step_noise`` ``(steps - 1, B, H, Da)`` fixes DDPM's per-step noise (the last step adds none);
@@ -527,14 +651,19 @@ class OnnxDenoiserLoop(_OnnxModel):
         return action[0] if single else action
 
 
-OnnxTeacher = OnnxDenoiserLoop
-
-
-def load_onnx(path: str | Path, **kwargs: Any) -> OnnxPolicy | OnnxDenoiserLoop:
-    """Open either kind of exported file, picking the runtime from its metadata."""
-    try:
-        return OnnxPolicy(path, **kwargs)
-    except ModelLoadError as err:
-        if "OnnxDenoiserLoop" not in str(err):
-            raise
-    return OnnxDenoiserLoop(path, **kwargs)
+def load_onnx(
+    path: str | Path,
+    *,
+    providers: list[str] | tuple[str, ...] | None = None,
+    intra_op_threads: int = 1,
+    seed: int = 0,
+    expected_sha256: str | None = None,
+    sampler: str = "ddim",
+    num_inference_steps: int = 10,
+) -> OnnxPolicy | OnnxDenoiserLoop:
+    """Open an exported file once and serve it with the runtime its metadata ``kind`` names: a ``policy`` with
+    :class:`OnnxPolicy`, a ``denoiser`` with :class:`OnnxDenoiserLoop` (``sampler``, ``num_inference_steps``)."""
+    opened = OnnxFile.open(path, providers, intra_op_threads, expected_sha256)
+    if opened.metadata.kind == "denoiser":
+        return OnnxDenoiserLoop(opened, seed=seed, sampler=sampler, num_inference_steps=num_inference_steps)
+    return OnnxPolicy(opened, seed=seed)

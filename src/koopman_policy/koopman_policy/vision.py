@@ -42,8 +42,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from koopman_policy.base import BasePolicy
+from koopman_policy.base import BasePolicy, ImageExportModule
 from koopman_policy.normalizer import Normalizer
+from koopman_policy.onnx_format import IMAGE_LAYOUT, IMAGE_POLICY_INPUTS, STATE_LAYOUT
 from koopman_policy.students.dkoopman import DKoopmanConfig, DKoopmanPolicy
 from koopman_policy.teacher import DiffusionConfig, DiffusionPolicy, TeacherDenoiser
 
@@ -52,10 +53,6 @@ STATE_KEY = "state"
 AUX_KEY = "aux"
 #: Precomputed keypoints ``(B, To, 2K)`` in place of ``image``: training a student whose encoder is frozen.
 KEYPOINTS_KEY = "keypoints"
-#: Order of the exported graph's inputs.
-IMAGE_POLICY_INPUTS = (IMAGE_KEY, STATE_KEY, "noise")
-#: Layout of the exported ``image`` input, stored in the ONNX metadata.
-IMAGE_LAYOUT = "(batch, n_obs_steps, height, width, 3) float32 RGB in [0, 1] (uint8 / 255), oldest frame first"
 
 ImageObs = Mapping[str, torch.Tensor]
 
@@ -284,23 +281,8 @@ class ImageConditioned(BasePolicy):
             "image_mean": [0.0, 0.0, 0.0],
             "image_std": [1.0, 1.0, 1.0],
             "camera": c.camera,
-            "obs_layout": "state: (batch, n_obs_steps, obs_dim) float32, raw units, oldest first",
+            "obs_layout": STATE_LAYOUT,
         }
-
-
-class ImageExportModule(nn.Module):
-    """Traced graph of an image policy: ``(image, state, noise) -> (action, ood_score)``, raw units."""
-
-    def __init__(self, policy: ImageConditioned) -> None:
-        super().__init__()
-        self.policy = policy
-
-    def forward(
-        self, image: torch.Tensor, state: torch.Tensor, noise: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        obs_n = self.policy.encode_obs({IMAGE_KEY: image, STATE_KEY: state})
-        x0, ood = self.policy.sample_normalized(obs_n, noise)
-        return self.policy.action_normalizer.unnormalize(x0), ood
 
 
 # -- the two image policies ------------------------------------------------------------------------------

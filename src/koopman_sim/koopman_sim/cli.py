@@ -1,22 +1,8 @@
 """``koopman-sim``: collect demonstrations, watch/render expert rollouts, benchmark the simulator.
 
-  koopman-sim collect --task gen3_reach_obstacle|pusht --episodes N --out PATH [--json SUMMARY] [--seed S]
-                      [--only-success | --no-only-success] [--model MJCF]
-      Runs the scripted expert (env seeds S..S+N-1) with a progress bar, writes an HDF5 dataset
-      (koopman_sim.dataset) and prints a JSON summary (episodes, success_rate, collision_rate,
-      left_fraction, ...), also written to SUMMARY with --json. --only-success (default) keeps just the
-      successful episodes, which is what training wants; --no-only-success keeps every episode with its
-      success/side flags. Rates in the summary always cover all episodes run.
-  koopman-sim rollout --task ... --episodes N [--seed S] [--render OUT.png|OUT.mp4]
-      Runs the expert with a one-line live status; --render writes a frame strip (PNG) or, when ffmpeg is
-      installed, a video. Rendering is offscreen (MUJOCO_GL=egl when there is no display).
-  koopman-sim view --task ... [--seed S] [--out OUT.png]
-      Interactive MuJoCo viewer when a display exists, otherwise a rendered PNG strip.
-  koopman-sim bench [--seconds T] [--json OUT]
-      Real-time factor of the headless simulation on one core.
-
-Errors in the arguments or inputs (unknown task, missing model or output directory...) print one line and
-exit with status 2.
+collect, rollout and bench print their summary as JSON on stdout (progress and status go to stderr);
+``--json OUT`` also writes it to OUT. Errors in the arguments or inputs (unknown task, missing model or output
+directory...) print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -25,11 +11,22 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
+# Nothing heavy at module level: `koopman-sim --help` must not wait for MuJoCo or torch; each command imports
+# what it runs.
 DEFAULT_TASK = "gen3_reach_obstacle"
+EXAMPLES = {
+    "collect": "koopman-sim collect --task gen3_reach_obstacle --episodes 400 --seed 0 --out data/gen3_demos.h5 "
+               "--json data/gen3_demos.json\n"
+               "  koopman-sim collect --task pusht --episodes 20 --out pusht.h5 --no-only-success",
+    "rollout": "koopman-sim rollout --episodes 3 --seed 7 --render rollout.png",
+    "view": "koopman-sim view --seed 3\n  koopman-sim view --episodes 2 --out strip.png   # without a display",
+    "bench": "koopman-sim bench --seconds 20 --json bench_sim.json",
+}
 
 
 def _has_display() -> bool:
@@ -56,46 +53,64 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _parser(sub: argparse._SubParsersAction, name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand whose help has its description (wrapped) and its example (as written)."""
+    return sub.add_parser(name, help=help_text, description=textwrap.fill(description, 100),
+                          epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="koopman-sim", description="MuJoCo Gen3 tasks, expert demos and rendering."
-    )
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="koopman-sim", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sp: argparse.ArgumentParser, episodes_default: int | None) -> None:
         sp.add_argument("--task", default=DEFAULT_TASK, help=f"task name (default {DEFAULT_TASK})")
         if episodes_default is None:
             sp.add_argument("--episodes", type=_positive_int, required=True, help="number of episodes")
         else:
-            sp.add_argument(
-                "--episodes", type=_positive_int, default=episodes_default, help="number of episodes"
-            )
+            sp.add_argument("--episodes", type=_positive_int, default=episodes_default,
+                            help=f"number of episodes (default {episodes_default})")
         sp.add_argument("--seed", type=int, default=0, help="env seed of the first episode (then +1 each)")
         sp.add_argument("--model", default=None, help="alternative Gen3 MJCF with the same joint names")
 
-    c = sub.add_parser("collect", help="collect expert demonstrations into an HDF5 dataset")
+    c = _parser(sub, "collect", "collect expert demonstrations into an HDF5 dataset",
+                "Run the task's scripted expert for env seeds S..S+N-1 and write the episodes to an HDF5 dataset "
+                "(koopman_sim.dataset); the summary (episodes, success_rate, collision_rate, left_fraction, "
+                "sha256, ...) covers every episode run, whichever are written.")
     common(c, None)
-    c.add_argument("--out", required=True, help="output .hdf5 path")
-    c.add_argument("--json", dest="json_out", default=None, help="also write the summary JSON here")
-    c.add_argument(
-        "--only-success",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="write only successful episodes (default, for training); --no-only-success keeps all + flags",
-    )
-    c.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    c.add_argument("--out", required=True, metavar="HDF5", help="output .hdf5 path")
+    c.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the summary JSON here")
+    c.add_argument("--only-success", action=argparse.BooleanOptionalAction, default=True,
+                   help="write only successful episodes (default, for training); --no-only-success keeps every "
+                        "episode with its success and side flags")
+    c.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="show a progress bar (default yes)")
+    c.add_argument("--camera", default=None, metavar="NAME",
+                   help="also record a frame of this scene camera per control step (e.g. workspace): the camera "
+                        "policies' demonstrations")
+    c.add_argument("--image-size", type=_positive_int, nargs=2, default=(64, 64), metavar=("H", "W"),
+                   help="frame size with --camera (default 64 64, the camera policies' own resolution)")
 
-    r = sub.add_parser("rollout", help="run the expert with a live status line, optionally render")
+    r = _parser(sub, "rollout", "run the expert with a live status line, optionally render",
+                "Run the Gen3 expert with a one-line live status on stderr; --render writes a frame strip (PNG) "
+                "or, when ffmpeg is installed, a video. Rendering is offscreen (MUJOCO_GL=egl without a display).")
     common(r, 3)
-    r.add_argument("--render", default=None, help="write frames to OUT.png (strip) or OUT.mp4 (needs ffmpeg)")
+    r.add_argument("--render", default=None, metavar="OUT",
+                   help="write frames to OUT.png (strip) or OUT.mp4 (needs ffmpeg)")
 
-    v = sub.add_parser("view", help="interactive viewer (or rendered strip when there is no display)")
+    v = _parser(sub, "view", "interactive viewer (or rendered strip when there is no display)",
+                "Watch the Gen3 expert in MuJoCo's interactive viewer; without a display, render a frame strip "
+                "to --out instead.")
     common(v, 1)
-    v.add_argument("--out", default="koopman_sim_view.png", help="strip written when there is no display")
+    v.add_argument("--out", default="koopman_sim_view.png", metavar="PNG",
+                   help="strip written when there is no display (default koopman_sim_view.png)")
 
-    b = sub.add_parser("bench", help="headless real-time factor")
-    b.add_argument("--seconds", type=_positive_float, default=20.0, help="simulated seconds to run")
-    b.add_argument("--json", dest="json_out", default=None, help="write the result JSON here")
+    b = _parser(sub, "bench", "headless real-time factor",
+                "Real-time factor of the headless simulation on one core: physics alone, and with the expert "
+                "in the loop.")
+    b.add_argument("--seconds", type=_positive_float, default=20.0, help="simulated seconds to run (default 20)")
+    b.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the result JSON here")
     return p
 
 
@@ -116,6 +131,15 @@ def _check_model(path: str | None) -> None:
         raise CliError(f"model file not found: {path}")
 
 
+def _print_summary(summary: dict[str, Any], json_out: str | None) -> None:
+    """The summary as JSON on stdout and, with ``--json OUT``, in OUT (said on stderr: stdout stays JSON)."""
+    text = json.dumps(summary, indent=2)
+    print(text)
+    if json_out:
+        Path(json_out).write_text(text + "\n")
+        print(f"wrote {json_out}", file=sys.stderr)
+
+
 def _cmd_collect(args: argparse.Namespace) -> int:
     from koopman_sim import check_task
     from koopman_sim.collect import collect
@@ -131,12 +155,11 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         seed=args.seed,
         only_success=args.only_success,
         model_path=args.model,
-        progress=not args.no_progress,
+        progress=args.progress,
+        camera=args.camera,
+        image_size=tuple(args.image_size),
     )
-    text = json.dumps(summary, indent=2)
-    print(text)
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
+    _print_summary(summary, args.json_out)
     return 0
 
 
@@ -231,11 +254,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from koopman_sim.bench import realtime_factor
 
     _check_writable(args.json_out)
-    result = realtime_factor(args.seconds)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
+    _print_summary(realtime_factor(args.seconds), args.json_out)
     return 0
 
 

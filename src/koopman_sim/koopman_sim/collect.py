@@ -1,7 +1,14 @@
-"""Running a task's scripted expert in its environment and collecting demonstration datasets."""
+"""Running a task's scripted expert in its environment and collecting demonstration datasets.
+
+Every dataset records the task's observation and action contract (its task file, ``tasks/<task>.yaml``, as
+JSON). With a camera, each control step also gets a frame of that scene camera at the policy's own resolution
+(no resize separates training from serving): ``images[i]`` is rendered right after the physics state of
+``obs[i]``, as in closed loop, and the contract gains the camera's image feature.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,16 +16,44 @@ from typing import Any
 
 import numpy as np
 
-from koopman_sim import check_task, make
+from koopman_sim import check_task, make, task_file
 from koopman_sim.dataset import side_code, write_dataset
 from koopman_sim.expert import ScriptedExpert
 from koopman_sim.pusht_expert import PushTExpert
 from koopman_sim.tasks.pusht import PushTResult
 from koopman_sim.tasks.reach_obstacle import EpisodeResult
 
-__all__ = ["EpisodeRecord", "collect", "episode_side", "expert_rng", "make_expert", "run_episode", "summarize"]
+__all__ = ["CAMERA_TOPIC", "EpisodeRecord", "check_camera", "collect", "episode_side", "expert_rng", "make_expert",
+           "recorded_contract", "run_episode", "summarize"]
 
 Expert = ScriptedExpert | PushTExpert
+#: The topic the sim node publishes its camera on (``koopman_policy.contract.CAMERA_TOPIC``).
+CAMERA_TOPIC = "camera/image_raw"
+
+
+def recorded_contract(task: str, camera: str | None = None,
+                      image_size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The contract a collection records: the task's (its task file), with a camera the image feature of its
+    frames."""
+    import yaml
+
+    contract = yaml.safe_load(task_file(task).read_text())
+    if camera is not None and image_size is not None:
+        contract["observation"].append({"name": "image", "kind": "image", "topic": CAMERA_TOPIC, "image": {
+            "height": int(image_size[0]), "width": int(image_size[1]), "camera": camera}})
+    return contract
+
+
+def check_camera(env: Any, camera: str) -> None:
+    """ValueError naming the scene's cameras unless ``camera`` is one of them."""
+    import mujoco
+
+    model = getattr(getattr(env, "arm", None), "model", None)
+    if model is None:
+        raise ValueError(f"{type(env).__name__} has no named scene cameras to render {camera!r} from")
+    if mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, camera) < 0:
+        names = [mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_CAMERA, i) for i in range(model.ncam)]
+        raise ValueError(f"unknown camera {camera!r}; the scene has {', '.join(map(str, names))}")
 
 
 def make_expert(task: str, env: Any, model_path: str | None = None) -> Expert:
@@ -66,8 +101,12 @@ def run_episode(
     on_step: Callable[[int, dict], None] | None = None,
     frame_every: int | None = None,
     balanced_sides: bool = True,
+    camera: str | None = None,
 ) -> EpisodeRecord:
     """One expert episode; ``on_step(step, info)`` is called after each control step (live status).
+
+    ``frame_every`` renders a frame at the start and every that many steps (from ``camera``, else the env's
+    default view).
 
     With ``balanced_sides`` the Gen3 expert's side comes from ``episode_side(seed)``; otherwise it flips its own
     coin (the Push-T expert has no side to choose).
@@ -78,8 +117,12 @@ def run_episode(
     else:
         expert.reset(obs, expert_rng(seed))
     observations, actions, frames = [], [], []
+
+    def render() -> np.ndarray:
+        return env.render_frame(camera=camera) if camera is not None else env.render_frame()
+
     if frame_every:
-        frames.append(env.render_frame())
+        frames.append(render())
     step = 0
     while True:
         act = expert.act(obs)
@@ -90,7 +133,7 @@ def run_episode(
         if on_step is not None:
             on_step(step, info)
         if frame_every and (step % frame_every == 0 or terminated or truncated):
-            frames.append(env.render_frame())
+            frames.append(render())
         if terminated or truncated:
             break
     return EpisodeRecord(
@@ -142,16 +185,24 @@ def collect(
     only_success: bool = True,
     model_path: str | None = None,
     progress: bool = True,
+    camera: str | None = None,
+    image_size: tuple[int, int] = (64, 64),
 ) -> dict[str, Any]:
     """Run ``episodes`` expert episodes (env seeds seed, seed+1, ...) and write them to ``out``.
 
     With ``only_success`` (the default, for training data) failed episodes are left out of the file; without
-    it every episode is written with its flags. The summary always covers all episodes that were run.
+    it every episode is written with its flags. The summary always covers all episodes that were run. With
+    ``camera``, one frame of ``image_size`` (height, width) per control step goes into ``/images``.
     """
     check_task(task)
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
-    env = make(task, model_path=model_path)
+    if camera is not None and min(image_size) < 8:
+        raise ValueError(f"image size must be at least 8x8, got {image_size[0]}x{image_size[1]}")
+    size = {"height": image_size[0], "width": image_size[1]} if camera is not None else {}
+    env = make(task, model_path=model_path, **size)
+    if camera is not None:
+        check_camera(env, camera)
     expert = make_expert(task, env, model_path)
     records: list[EpisodeRecord] = []
     results: list[Any] = []
@@ -163,7 +214,8 @@ def collect(
         iterator = tqdm(seeds, desc=f"collect {task}", unit="ep")
     n_success = 0
     for s in iterator:
-        rec = run_episode(env, expert, s)
+        rec = run_episode(env, expert, s, frame_every=1 if camera else None, camera=camera)
+        rec.frames = rec.frames[: rec.steps]  # the last frame follows the last action: no observation
         results.append(rec.result)
         n_success += rec.result.success
         if rec.result.success or not only_success:
@@ -190,6 +242,8 @@ def collect(
         obs_names=env.obs_names,
         action_names=env.action_names,
         control_dt=env.control_dt,
+        images=np.concatenate([np.stack(r.frames) for r in records]) if camera and records else None,
+        contract=json.dumps(recorded_contract(task, camera, image_size)),
     )
     summary = summarize(results, env.control_dt)
     summary.update(
@@ -200,5 +254,6 @@ def collect(
         steps_written=int(sum(lengths)),
         out=str(out),
         sha256=sha,
+        **({"camera": camera, "image_size": list(image_size)} if camera else {}),
     )
     return summary

@@ -11,7 +11,8 @@ Layout (format_version 1), N control steps over E episodes, stored back to back:
   /episode_seed     (E,)             int64    env reset seed, so any episode can be replayed
   /images           (N, h, w, 3)     uint8    optional camera frames
   root attributes: task (str), obs_names (list of str), action_names (list of str), control_dt (float, s),
-                   format_version (int)
+                   format_version (int), contract (str, optional: the observation and action contract as JSON,
+                   ``koopman_policy.contract``; with /images it has the camera's image feature)
 
 ``load_dataset`` returns a ``DemoDataset`` that also carries the sha256 of the file, so training runs can
 record exactly which data they used.
@@ -79,6 +80,7 @@ class DemoDataset:
     sha256: str
     path: str
     images: np.ndarray | None = None
+    contract: str | None = None  # JSON; None in datasets written before contracts
 
     @property
     def n_episodes(self) -> int:
@@ -159,6 +161,7 @@ def write_dataset(
     action_names: tuple[str, ...] | list[str],
     control_dt: float,
     images: np.ndarray | None = None,
+    contract: str | None = None,
 ) -> str:
     """Write a dataset (layout in the module docstring) atomically; returns the file's sha256."""
     path = Path(path)
@@ -186,8 +189,14 @@ def write_dataset(
         f.attrs["action_names"] = list(action_names)
         f.attrs["control_dt"] = float(control_dt)
         f.attrs["format_version"] = FORMAT_VERSION
+        if contract is not None:
+            f.attrs["contract"] = contract
     tmp.replace(path)
     return file_sha256(path)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _names(value: object) -> tuple[str, ...]:
@@ -233,4 +242,5 @@ def load_dataset(path: str | Path, load_images: bool = True) -> DemoDataset:
         sha256=file_sha256(path),
         path=str(path),
         images=images,
+        contract=None if "contract" not in attrs else _text(attrs["contract"]),
     )

@@ -161,6 +161,7 @@ def bags_to_dataset(bags: Sequence[str | Path], out: str | Path, *, contract: Co
         obs_names=list(contract.obs_names),
         action_names=list(contract.action_names),
         control_dt=contract.control_dt,
+        contract=contract.to_json(),
     )
     return {"out": str(out), "sha256": sha, "rows": int(ends[-1]), "episodes": len(kept),
             "segments_dropped": len(segs) - len(kept), "action_source": sources}

@@ -60,11 +60,11 @@ class Served:
     ood_threshold: float | None = None
 
 
-def _stack_policy(name: str, seed: int, teacher_steps: int) -> Served:
-    """The live stack's ``PolicyRunner`` (ONNX Runtime, same health checks and noise as the policy node)."""
+def _stack_policy(loaded: Any, seed: int) -> Served:
+    """The live stack's ``PolicyRunner`` over the ONNX runtime (same health checks and noise as the policy node)."""
     from koopman_control.core.policy_runner import PolicyRunner
 
-    runner = PolicyRunner.load(name, seed=seed, teacher_steps=teacher_steps)
+    runner = PolicyRunner(loaded.model, loaded.name, str(loaded.source), seed=seed)
     m = runner.meta
 
     def call(hist: np.ndarray, names: list[str], episode: int,
@@ -80,23 +80,14 @@ def _stack_policy(name: str, seed: int, teacher_steps: int) -> Served:
                   m.control_dt, m.action_dim, list(m.obs_names), runner.is_teacher, call, runner.ood_threshold)
 
 
-def _distill_policy(name: str, seed: int, backend: str) -> Served:
-    """``koopman_distill.runners`` (PyTorch checkpoints, or ONNX): for policies without an ONNX export."""
+def _offline_policy(loaded: Any, seed: int) -> Served:
+    """``koopman_distill.runners`` over a loaded policy (PyTorch checkpoints, or ONNX without the live checks)."""
     try:
-        from koopman_distill.runners import load_runner
+        from koopman_distill.runners import runner_for
     except ImportError as err:
-        raise ReplayError(f"policy {name!r}: backend {backend!r} needs koopman_distill ({err})") from None
-    from koopman_policy.catalog import resolve_policy
-    from koopman_sim.tasks.reach_obstacle import OBS_NAMES
-
-    runner = load_runner(name, backend)
-    entry = resolve_policy(name)
-    control_dt = 0.1
-    if entry.checkpoint is not None:
-        from koopman_policy.checkpoint import read_config
-
-        control_dt = float(read_config(entry.checkpoint).get("control_dt", control_dt))
-    obs_names = list(OBS_NAMES)
+        raise ReplayError(f"policy {loaded.name!r}: backend {loaded.backend!r} needs koopman_distill ({err})") from None
+    runner = runner_for(loaded)
+    name, obs_names = runner.name, list(runner.obs_names)
     perm_cache: dict[tuple[str, ...], np.ndarray] = {}
 
     def call(hist: np.ndarray, names: list[str], episode: int,
@@ -115,28 +106,26 @@ def _distill_policy(name: str, seed: int, backend: str) -> Served:
             return chunk, None, Health(False, f"{name} returned NaN/inf actions", "nonfinite")
         return chunk, None, Health(True)
 
-    return Served(runner.name, runner.method, str(entry.onnx or entry.checkpoint), runner.backend, runner.horizon,
-                  runner.n_obs_steps, runner.n_action_steps, control_dt, runner.action_dim, obs_names,
+    return Served(name, runner.method, str(loaded.source), runner.backend, runner.horizon, runner.n_obs_steps,
+                  runner.n_action_steps, runner.control_dt, runner.action_dim, obs_names,
                   runner.method == "teacher", call)
 
 
 def load_policy(name: str, backend: str = "stack", seed: int = 0, teacher_steps: int = 10) -> Served:
-    """``stack``: ONNX through the live stack's runner, falling back to PyTorch when a policy has no export."""
-    from koopman_control.core.policy_runner import PolicyLoadError
+    """``stack``: the ONNX export through the live stack's runner, or the checkpoint of a policy never exported;
+    ``auto``, ``torch``, ``onnx`` as ``koopman_policy.loader.open_policy`` (without the live checks). The name is
+    resolved once."""
+    from koopman_policy.loader import open_policy
 
     if backend not in ("stack", "auto", "torch", "onnx"):
         raise ReplayError(f"backend must be stack, auto, torch or onnx, got {backend!r}")
-    if backend == "stack":
-        try:
-            return _stack_policy(name, seed, teacher_steps)
-        except PolicyLoadError as err:
-            if "does not exist" not in str(err):
-                raise ReplayError(str(err)) from None
-            backend = "auto"  # no ONNX export: evaluate the checkpoint instead
     try:
-        return _distill_policy(name, seed, backend)
-    except (ValueError, FileNotFoundError) as err:
+        loaded = open_policy(name, backend, seed=seed, teacher_steps=teacher_steps)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:  # catalogue, ModelLoadError, ORT
         raise ReplayError(f"policy {name!r}: {err}") from None
+    if backend == "stack" and loaded.backend == "onnx":
+        return _stack_policy(loaded, seed)
+    return _offline_policy(loaded, seed)
 
 
 # -- statistics ---------------------------------------------------------------------------------------------------

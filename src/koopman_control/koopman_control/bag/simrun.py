@@ -24,6 +24,7 @@ from koopman_control.core.chunk import ActionChunk, CommandChecks, published_poi
 from koopman_control.core.episodes import Announcement, episode_label
 from koopman_control.core.observation import NS, StateObservationBuilder
 from koopman_control.core.sim_driver import EpisodeStart
+from koopman_control.core.sim_tasks import Gen3Reach
 from koopman_control.core.supervisor import FallbackSupervisor, Mode
 
 EPOCH_NS = 1_700_000_000 * NS  # virtual clock start: a plausible wall-clock time, stable across runs
@@ -62,7 +63,8 @@ def record_sim_run(out: str | Path, *, driver: str = "expert", policy: str | Non
     from koopman_sim import gen3
 
     checks = CommandChecks(gen3.JOINT_LOWER, gen3.JOINT_UPPER, interpolation="zoh")
-    sim = SimDriver(checks, feedback_rate_hz=feedback_rate_hz, seed=seed, time_limit=time_limit, auto_reset=True)
+    sim = SimDriver(Gen3Reach(physics_dt=1.0 / feedback_rate_hz, time_limit=time_limit), checks,
+                    feedback_rate_hz=feedback_rate_hz, seed=seed, auto_reset=True)
     names = list(sim.joint_names)
     obs_names = [f"q_{n}" for n in names] + [f"qd_{n}" for n in names] + [
         "target_x", "target_y", "target_z", "pillar_x", "pillar_y", "pillar_z"]
@@ -89,10 +91,10 @@ def record_sim_run(out: str | Path, *, driver: str = "expert", policy: str | Non
 
         def task(e: EpisodeStart) -> None:
             t = e.stamp_ns + log_latency_ns - 10_000  # before that step's joint state, as the sim publishes them
-            bag.write(T.TARGET, t, M.point_stamped(e.stamp_ns, e.target))
-            bag.write(T.PILLAR, t + 1000, M.point_stamped(e.stamp_ns, e.pillar))
-            builder.set_vector("target", e.stamp_ns, e.target)
-            builder.set_vector("pillar", e.stamp_ns, e.pillar)
+            bag.write(T.TARGET, t, M.point_stamped(e.stamp_ns, e.inputs["target"]))
+            bag.write(T.PILLAR, t + 1000, M.point_stamped(e.stamp_ns, e.inputs["pillar"]))
+            for name, values in e.inputs.items():
+                builder.set_vector(name, e.stamp_ns, values)
 
         def publish_mode(mode: Mode, t: int) -> None:
             bag.write(T.MODE, t, M.string(mode.value))

@@ -182,7 +182,7 @@ class SimDriver:
             counters = self.executor.counters
             commands = {"accepted": counters.accepted, "rejected": counters.rejected, "holds": counters.holds,
                         "timeouts": counters.timeouts, "refused_by_cause": dict(counters.reject_reasons),
-                        "stops": list(counters.stops)}
+                        "stops": list(counters.stops), "state": str(self.executor.state)}
         return {**episode_summary(res), "commands": commands}
 
 

@@ -320,7 +320,8 @@ class KortexBridgeNode(KoopmanNode):
                 "commands": {"accepted": st["chunks_accepted"], "rejected": st["chunks_rejected"],
                              "holds": st["holds"], "timeouts": st["watchdog_stops"],
                              "refused_by_cause": st["refused_by_cause"],
-                             "stops": list(self.bridge.executor.counters.stops)},
+                             "stops": list(self.bridge.executor.counters.stops),
+                             "state": str(self.bridge.executor.state)},
                 "watchdog_latency_ms": self.bridge.watchdog_latency_ms.summary(),
                 "bridge": st, **super().metrics()}
 

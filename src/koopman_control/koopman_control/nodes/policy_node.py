@@ -72,9 +72,8 @@ from koopman_control.ros.base import ERROR, OK, WARN, KoopmanNode, ParameterErro
 from koopman_policy.contract import ContractError
 
 NAME = "policy"
-# Measured through the sim node with 10 Hz plans of dkoopman (about 150 s each): points held until the next one
-# (zoh) 33 of 34 episodes; interpolated linearly 15 of 26, and 26 of 29 / 23 of 28 with every point half a
-# period earlier / later; linearly with hold_points (each point sent twice) 32 of 32.
+# hold_points: each point is sent again this long before the next one is due, so a controller that interpolates
+# linearly holds it until then (why: docs/experiments.md, "The stack").
 HOLD_EDGE_S = 0.001
 
 

@@ -15,9 +15,11 @@ import argparse
 import json
 from pathlib import Path
 
+from koopman_distill.cli import COMMANDS
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bag-to-dataset", help="convert recorded bags into a demonstration dataset (HDF5)",
+    p = sub.add_parser("bag-to-dataset", help=COMMANDS["bag-to-dataset"],
                        description=__doc__.split("\n\n")[1].replace("\n", " "),
                        epilog="example:\n  koopman-distill bag-to-dataset runs/demos --task-file my_task.yaml "
                               "--out data/my_demos.h5", formatter_class=argparse.RawDescriptionHelpFormatter)

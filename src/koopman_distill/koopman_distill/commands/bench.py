@@ -35,7 +35,8 @@ import onnxruntime as ort
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from koopman_distill.cli import UserError
+from koopman_distill.cli import COMMANDS, UserError
+from koopman_distill.contracts import checkpoint_contract
 from koopman_policy.base import BasePolicy
 from koopman_policy.catalog import PolicyEntry, load_catalog, resolve_policy
 from koopman_policy.checkpoint import load_policy
@@ -44,7 +45,7 @@ from koopman_policy.onnx_policy import OnnxDenoiserLoop, OnnxPolicy
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="batch-1 latency (p50/p99) of the ONNX students and the teacher")
+    p = sub.add_parser("bench", help=COMMANDS["bench"])
     p.add_argument("--json", required=True, type=Path, help="where to write the results")
     p.add_argument("--models", nargs="+", default=None,
                    help="catalogue names, checkpoint directories or .onnx files (default: every catalogue "
@@ -127,10 +128,11 @@ def _onnx_files(entry: PolicyEntry, tmp: Path) -> tuple[Path | None, Path | None
     need_den = entry.method == "teacher" and den is None
     if (onnx is None or need_den) and entry.checkpoint is not None and entry.checkpoint.is_dir():
         policy = load_policy(entry.checkpoint)
+        contract = checkpoint_contract(policy.method, policy.config.to_dict())
         if onnx is None:
-            onnx = export_policy(policy, tmp / f"{entry.name}_policy.onnx")
+            onnx = export_policy(policy, tmp / f"{entry.name}_policy.onnx", contract=contract)
         if need_den:
-            den = export_teacher_denoiser(policy, tmp / f"{entry.name}_denoiser.onnx")
+            den = export_teacher_denoiser(policy, tmp / f"{entry.name}_denoiser.onnx", contract=contract)
     return onnx, den
 
 
@@ -146,10 +148,8 @@ def _bench_student(entry: PolicyEntry, onnx: Path, args: argparse.Namespace) -> 
 
 def _bench_image(onnx: Path, args: argparse.Namespace) -> dict[str, Any]:
     """A camera policy (``inputs: image``; the image teacher's file is its unrolled DDIM graph) on random
-    frames in [0, 1] and states inside its normaliser's range, through OnnxImagePolicy."""
-    from koopman_policy.onnx_image_policy import OnnxImagePolicy
-
-    policy = OnnxImagePolicy(onnx, intra_op_threads=args.intra_op_threads)
+    frames in [0, 1] and states inside its normaliser's range, through OnnxPolicy."""
+    policy = OnnxPolicy(onnx, intra_op_threads=args.intra_op_threads)
     m = policy.metadata
     frames = np.random.default_rng(1).random((16, m.n_obs_steps, *policy.image_size, 3), dtype=np.float32)
     nxt_frames, nxt_states = _cycle(frames), _cycle(_histories(m.obs_low, m.obs_high, m.n_obs_steps))

@@ -2,7 +2,11 @@
 
 ``--task`` picks the environment and its metrics (Gen3: success, collision, mode balance; Push-T: success
 and mean max coverage). Writes JSON keyed by policy name, a markdown table beside it and a plot of the
-paths (the Gen3 hand or the Push-T disc).
+paths (the Gen3 hand or the Push-T disc). ``--policies`` also takes the reference policies ``hold`` and
+``random_target`` (``koopman_distill.evaluate``). ``--mode-states N`` adds the per-state mode fractions of
+every policy (``N`` start states x ``--mode-draws`` noises, compared with the teacher's on the same states).
+Camera policies are evaluated beside state ones, on the same seeds under the same noise protocol, with frames
+rendered at their rate (their rows add the camera, frame size and render time; they have no MMD).
 """
 
 from __future__ import annotations
@@ -17,13 +21,25 @@ import numpy as np
 import torch
 
 import koopman_sim
+from koopman_distill.cli import COMMANDS
 from koopman_distill.data import episode_windows
-from koopman_distill.evaluate import NOISE, RolloutStats, mmd_to_teacher, rollout, teacher_reference
-from koopman_distill.runners import TorchRunner, load_runner
+from koopman_distill.evaluate import (
+    MODES,
+    NOISE,
+    REFERENCES,
+    RolloutStats,
+    mmd_to_teacher,
+    mode_counts,
+    mode_summary,
+    reference_runner,
+    rollout,
+    teacher_reference,
+)
+from koopman_distill.runners import Runner, TorchRunner, load_runner
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate policies in closed loop and against the teacher")
+    p = sub.add_parser("eval", help=COMMANDS["eval"])
     p.add_argument("--policies", required=True, help="comma-separated names from config/policies.yaml or paths")
     p.add_argument("--task", default="gen3_reach_obstacle",
                    help=f"environment to evaluate in: {', '.join(koopman_sim.TASKS)} (default gen3_reach_obstacle)")
@@ -41,6 +57,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "see koopman_distill.evaluate)")
     p.add_argument("--update-cards", action="store_true",
                    help="record each policy's results in its model card under 'evaluation'")
+    p.add_argument("--mode-states", type=int, default=0,
+                   help="start states for the per-state mode fractions (default 0: not measured)")
+    p.add_argument("--mode-draws", type=int, default=32, help="noise draws per start state (default 32)")
+    p.add_argument("--mode-seed", type=int, default=20_000,
+                   help="task seed of the first mode start state (default 20000, clear of the episodes')")
+    p.add_argument("--mode-steps", type=int, default=None,
+                   help="control steps after which a draw that has not committed counts as 'none' "
+                        "(default: the episode's end)")
     p.set_defaults(func=run)
 
 
@@ -61,6 +85,10 @@ def mmd_observations(args: argparse.Namespace, n_obs_steps: int, horizon: int) -
 DEFAULT_TEACHER = {"gen3_reach_obstacle": "teacher", "pusht": "pusht_teacher"}
 
 
+def _mmd(result: dict[str, Any]) -> str:
+    return "–" if result["mmd_to_teacher"] is None else f"{result['mmd_to_teacher']:.4f}"
+
+
 def markdown_table(results: dict[str, dict], task: str = "gen3_reach_obstacle") -> str:
     if task == "pusht":
         lines = ["| policy | method | backend | mean max coverage | success (coverage > 0.95) | MMD² to teacher "
@@ -68,7 +96,7 @@ def markdown_table(results: dict[str, dict], task: str = "gen3_reach_obstacle") 
         for name, r in results.items():
             lines.append(
                 f"| {name} | {r['method']} | {r['backend']} | {r['mean_coverage']:.3f} | {r['success_rate']:.2f} "
-                f"| {r['mmd_to_teacher']:.4f} | {r['latency_ms']['p50']:.3f} / {r['latency_ms']['p99']:.3f} "
+                f"| {_mmd(r)} | {r['latency_ms']['p50']:.3f} / {r['latency_ms']['p99']:.3f} "
                 f"| {r['parameters']:,} |")
         return "\n".join(lines) + "\n"
     head = ("| policy | method | backend | success | collision | left fraction | MMD² to teacher "
@@ -78,9 +106,24 @@ def markdown_table(results: dict[str, dict], task: str = "gen3_reach_obstacle") 
         left = "–" if r["left_fraction"] is None else f"{r['left_fraction']:.2f}"
         lines.append(
             f"| {name} | {r['method']} | {r['backend']} | {r['success_rate']:.2f} | {r['collision_rate']:.2f} "
-            f"| {left} | {r['mmd_to_teacher']:.4f} | {r['latency_ms']['p50']:.3f} / {r['latency_ms']['p99']:.3f} "
+            f"| {left} | {_mmd(r)} | {r['latency_ms']['p50']:.3f} / {r['latency_ms']['p99']:.3f} "
             f"| {r['parameters']:,} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def modes_table(results: dict[str, dict], task: str) -> str:
+    """Per-state mode fractions (mean and sd across states) and the RMS difference to the teacher's."""
+    modes = MODES[task]
+    lines = ["| policy | " + " | ".join(modes) + " | RMS diff. to teacher (per state, max over modes) |",
+             "|---|" + "---|" * (len(modes) + 1)]
+    for name, r in results.items():
+        m = r.get("modes")
+        if m is None:
+            continue
+        cells = [f"{m['fraction'][k]:.2f} ± {m['fraction_sd_across_states'][k]:.2f}" for k in modes]
+        diff = m.get("rms_diff_to_reference")
+        lines.append(f"| {name} | " + " | ".join(cells) + (f" | {max(diff.values()):.3f} |" if diff else " | – |"))
     return "\n".join(lines) + "\n"
 
 
@@ -171,29 +214,52 @@ def run(args: argparse.Namespace) -> int:
     if not names or args.episodes < 1:
         raise ValueError("--policies needs at least one name and --episodes must be positive")
     koopman_sim.check_task(args.task)
+    if args.mode_states < 0 or args.mode_draws < 2:
+        raise ValueError("--mode-states must be >= 0 and --mode-draws at least 2")
     teacher_name = args.teacher or DEFAULT_TEACHER[args.task]
-    runners = {n: load_runner(n, args.backend) for n in names}
+    loaded = {n: load_runner(n, args.backend) for n in names if n not in REFERENCES}
     # The MMD reference needs the PyTorch teacher, also when the teacher itself is evaluated through ONNX.
-    reference_runner = runners.get(teacher_name)
-    teacher_runner = (reference_runner if isinstance(reference_runner, TorchRunner)
+    evaluated_teacher = loaded.get(teacher_name)
+    teacher_runner = (evaluated_teacher if isinstance(evaluated_teacher, TorchRunner)
                       else load_runner(teacher_name, "torch"))
     teacher = teacher_runner.policy
+    runners: dict[str, Runner] = {n: loaded[n] if n in loaded else reference_runner(n, args.task, teacher_runner)
+                                  for n in names}
     obs = mmd_observations(args, teacher_runner.n_obs_steps, teacher_runner.horizon)
     reference = teacher_reference(teacher, obs, args.mmd_draws, args.seed)
     results, stats = {}, {}
     for name, runner in runners.items():
         stats[name] = rollout(runner, args.episodes, args.seed, task=args.task, noise_per=args.noise_per)
+        camera = {"camera": runner.camera, "image_size": list(runner.image_size)} if runner.image_size else {}
         results[name] = {
             "task": args.task,
             "method": runner.method,
             "backend": runner.backend,
+            "inputs": "image" if runner.image_size else "state",
+            **camera,
+            "sampler": runner.sampler,
             **stats[name].summary(),
-            "mmd_to_teacher": mmd_to_teacher(runner, teacher, obs, reference, args.seed + 1),
+            "mmd_to_teacher": None if runner.image_size else mmd_to_teacher(runner, teacher, obs, reference,
+                                                                            args.seed + 1),
             "parameters": runner.num_parameters,
         }
+    if args.mode_states:
+        modes = MODES[args.task]
+        count = lambda r: mode_counts(r, args.task, args.mode_states, args.mode_draws, args.mode_seed,  # noqa: E731
+                                      args.mode_steps)
+        counts = {name: count(runner) for name, runner in runners.items()}
+        reference = counts.get(teacher_name)
+        if reference is None:
+            reference = count(teacher_runner)
+        for name in runners:
+            results[name]["modes"] = {"seed": args.mode_seed, "max_steps": args.mode_steps,
+                                      "reference": teacher_name,
+                                      **mode_summary(counts[name], modes, reference)}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     table = markdown_table(results, args.task)
+    if args.mode_states:
+        table += "\n" + modes_table(results, args.task)
     args.json.with_suffix(".md").write_text(table)
     (plot_pusht if args.task == "pusht" else plot_paths)(stats, args.json.with_suffix(".png"))
     if args.update_cards:

@@ -1,8 +1,11 @@
 """``koopman-distill export``: checkpoint -> ONNX for the controller, with a parity check.
 
-Writes ``policy.onnx`` (the teacher: DDIM-k unrolled, plus ``denoiser.onnx`` beside it), compares ONNX
-Runtime with PyTorch on random inputs, and records each file's sha256 in the checkpoint's ``card.json``
-(``exports``) so that the runtime can refuse a file that is not the one exported.
+Writes ``policy.onnx`` (the teacher: DDIM-k unrolled, plus ``denoiser.onnx`` beside it; state and camera
+policies alike), compares ONNX Runtime with PyTorch on random inputs (``koopman_policy.onnx_export.check_parity``:
+the largest difference of the chunk and of the OOD score in raw units), and records each file's sha256 in the
+checkpoint's ``card.json`` (``exports``) so that the runtime can refuse a file that is not the one exported.
+Every file carries the observation and action contract, the checkpoint's or, for one trained before contracts,
+its built-in task's (``koopman_distill.contracts``); the card records it too.
 """
 
 from __future__ import annotations
@@ -11,14 +14,15 @@ import argparse
 import json
 from pathlib import Path
 
-from koopman_distill.cli import UserError
+from koopman_distill.cli import COMMANDS, UserError
+from koopman_distill.contracts import checkpoint_contract
 from koopman_policy.checkpoint import CONFIG, WEIGHTS, read_config
 from koopman_policy.onnx_export import DEFAULT_TEACHER_STEPS, OPSET, PARITY_TOL, ExportResult, export_checkpoint
 from koopman_sim import gen3
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a checkpoint to ONNX and check parity with PyTorch")
+    p = sub.add_parser("export", help=COMMANDS["export"])
     p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory (model.safetensors + "
                    "config.json)")
     p.add_argument("--out", type=Path, default=None, help="ONNX file to write (default: CHECKPOINT/policy.onnx)")
@@ -43,6 +47,7 @@ def _record_in_card(directory: Path, result: ExportResult) -> None:
     if not files:
         return
     card = json.loads(card_path.read_text())
+    card["contract"] = result.contract.to_dict()
     exports = card.setdefault("exports", {})
     for path, sha, parity in files:
         exports[path.name] = {"sha256": sha, "opset": OPSET,
@@ -73,16 +78,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--out must name an .onnx file, got {args.out}")
     if args.parity_samples < 0 or args.teacher_steps < 1:
         raise UserError("--parity-samples must be >= 0 and --teacher-steps >= 1")
+    meta = read_config(directory)
     result = export_checkpoint(directory, args.out, ood_threshold=args.ood_threshold,
                                metadata_extra=robot_limits(directory), parity_samples=args.parity_samples,
-                               teacher_steps=args.teacher_steps)
+                               teacher_steps=args.teacher_steps,
+                               contract=checkpoint_contract(meta["method"], meta["config"]))
     _record_in_card(directory, result)
     ok = True
     rows = [(result.policy_path, result.policy_sha256, result.parity)]
     if result.denoiser_path is not None:
         rows.append((result.denoiser_path, result.denoiser_sha256, result.denoiser_parity))
     for path, sha, parity in rows:
-        print(f"export: {path} (opset {OPSET}, sha256 {sha})")
+        print(f"export: {path} (opset {OPSET}, sha256 {sha}, contract of task {result.contract.task!r})")
         if parity is not None:
             errs = ", ".join(f"{k} {v:.2e}" for k, v in parity.max_abs.items())
             verdict = "ok" if parity.ok else "FAILED"

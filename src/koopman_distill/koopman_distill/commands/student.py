@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from koopman_distill.cli import COMMANDS
 from koopman_distill.commands.common import add_train_args, config_overrides, finish, train_config
 from koopman_distill.data import TeacherData, episode_windows, file_sha256, read_teacher_data
+from koopman_distill.images import train_student
 from koopman_distill.provenance import git_commit
 from koopman_distill.train import is_main_process, train
 from koopman_policy.base import BasePolicy, PolicyConfig
@@ -28,7 +30,7 @@ OOD_MARGIN = 2.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("student", help="distil the teacher into a one-step student")
+    p = sub.add_parser("student", help=COMMANDS["student"])
     p.add_argument("--method", required=True, choices=STUDENT_METHODS)
     p.add_argument("--teacher", required=True, type=Path, help="teacher checkpoint directory")
     p.add_argument("--teacher-data", required=True, type=Path, help="file from `koopman-distill teacher-data`")
@@ -102,12 +104,14 @@ def init_provenance(path: Path) -> dict:
 def run(args: argparse.Namespace) -> int:
     teacher = load_policy(args.teacher)
     data = read_teacher_data(args.teacher_data)
+    if getattr(teacher, "image_inputs", False):  # the camera teacher (koopman_distill.images)
+        return train_student(args, teacher, data, OOD_MARGIN)
     cls = policy_class(args.method)
     t = teacher.config
     base = cls.config_class(
         obs_dim=t.obs_dim, action_dim=t.action_dim, horizon=t.horizon, n_obs_steps=t.n_obs_steps,
         n_action_steps=t.n_action_steps, control_dt=t.control_dt, obs_names=t.obs_names,
-        action_names=t.action_names,
+        action_names=t.action_names, contract=t.contract,
     )
     init = load_policy(args.init) if args.init else None
     if init is not None:
@@ -134,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     trained, metrics = train(policy, data.tensors(), train_config(args), args.out, args.resume,
                              desc=args.method, demos=demos)
     extra: dict = {}
-    if isinstance(trained, KoopmanStudent):
+    if isinstance(trained, KoopmanStudent) and trained.has_ood_score:
         extra["ood_threshold"] = ood_threshold(trained, data.obs, data.states[:, 0])
     card = {
         "name": args.out.name,

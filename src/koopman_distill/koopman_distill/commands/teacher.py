@@ -7,8 +7,11 @@ import dataclasses
 
 import torch
 
+from koopman_distill.cli import COMMANDS
 from koopman_distill.commands.common import add_train_args, config_overrides, finish, train_config
+from koopman_distill.contracts import as_config, dataset_contract
 from koopman_distill.data import episode_windows
+from koopman_distill.images import train_teacher
 from koopman_distill.provenance import git_commit
 from koopman_distill.train import is_main_process, train
 from koopman_policy.checkpoint import save_policy
@@ -17,7 +20,7 @@ from koopman_sim.dataset import load_dataset
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("teacher", help="train the diffusion teacher on a demonstration dataset")
+    p = sub.add_parser("teacher", help=COMMANDS["teacher"])
     p.add_argument("--data", required=True, help="demonstrations written by `koopman-sim collect`")
     add_train_args(p, steps=8000, lr=1e-3)
     p.set_defaults(func=run)
@@ -25,12 +28,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     demos = load_dataset(args.data)
+    if demos.images is not None:  # camera demonstrations: the image teacher (koopman_distill.images)
+        return train_teacher(args, demos)
     base = DiffusionConfig(
         obs_dim=demos.obs.shape[1],
         action_dim=demos.action.shape[1],
         control_dt=float(demos.control_dt),
         obs_names=list(demos.obs_names),
         action_names=list(demos.action_names),
+        contract=as_config(dataset_contract(demos)),
     )
     config = dataclasses.replace(base, **config_overrides(args.set, dataclasses.asdict(base)))
     tensors = episode_windows(demos.obs, demos.action, demos.episode_ends, config.horizon, config.n_obs_steps)

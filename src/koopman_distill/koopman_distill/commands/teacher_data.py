@@ -14,14 +14,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from koopman_distill.cli import COMMANDS
 from koopman_distill.data import episode_windows, file_sha256, read_visited, write_teacher_data
+from koopman_distill.images import record_teacher_data
 from koopman_policy.checkpoint import load_policy
 from koopman_policy.teacher import DiffusionPolicy
 from koopman_sim.dataset import load_dataset
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("teacher-data", help="run the teacher's sampler over the dataset's observations")
+    p = sub.add_parser("teacher-data", help=COMMANDS["teacher-data"])
     p.add_argument("--teacher", required=True, type=Path, help="teacher checkpoint directory")
     p.add_argument("--data", required=True, help="demonstrations the teacher was trained on")
     p.add_argument("--visited", nargs="*", type=Path, default=[],
@@ -39,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     teacher = load_policy(args.teacher)
     if not isinstance(teacher, DiffusionPolicy):
         raise ValueError(f"{args.teacher} holds a {teacher.method!r} policy, not the diffusion teacher")
+    if getattr(teacher, "image_inputs", False):  # the camera teacher (koopman_distill.images)
+        return record_teacher_data(args, teacher)
     if args.steps < 1 or args.draws < 1:
         raise ValueError("--steps and --draws must be positive")
     c = teacher.config

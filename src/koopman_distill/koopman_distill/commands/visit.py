@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 
 import koopman_sim
+from koopman_distill.cli import COMMANDS
 from koopman_distill.data import write_visited
 from koopman_distill.evaluate import rollout
 from koopman_distill.runners import load_runner
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("visit", help="roll a policy out and record the observation histories it meets")
+    p = sub.add_parser("visit", help=COMMANDS["visit"])
     p.add_argument("--policy", required=True, help="name from config/policies.yaml or a checkpoint path")
     p.add_argument("--task", default="gen3_reach_obstacle", help=f"one of {', '.join(koopman_sim.TASKS)}")
     p.add_argument("--episodes", type=int, default=200)

@@ -26,6 +26,12 @@ class FullOperator(nn.Module):
     def regularizer(self) -> torch.Tensor:
         return self.linear.weight.new_zeros(())
 
+    @torch.no_grad()
+    def start_near_identity(self) -> None:
+        """K = I, b = 0: a student whose encoder and head come from a trained network starts as that network."""
+        self.linear.weight.copy_(torch.eye(self.linear.in_features))
+        self.linear.bias.zero_()
+
 
 class _ModalFactorization(nn.Module):
     """P, P^-1 and the eigenvalue parameters shared by the two factorised operators."""
@@ -41,6 +47,12 @@ class _ModalFactorization(nn.Module):
         # |λ| = exp(-exp(ν)) starts near 0.9, angles small: a slightly contracting, slowly rotating flow.
         self.nu = nn.Parameter(torch.full((modes,), -2.25) + 0.1 * torch.randn(modes))
         self.theta = nn.Parameter(torch.log(torch.rand(modes) * 0.5 + 1e-2))
+
+    @torch.no_grad()
+    def start_near_identity(self) -> None:
+        """|λ| = exp(-exp(-4)) ≈ 0.98 and angles ≈ 0.0025 rad: K ≈ 0.98 I (see ``FullOperator``'s)."""
+        self.nu.fill_(-4.0)
+        self.theta.fill_(-6.0)
 
     def radius_angle(self) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.exp(-torch.exp(self.nu)), torch.exp(self.theta)

@@ -94,6 +94,14 @@ class ConditionalUnet1D(nn.Module):
                    n_groups=config.n_groups, step_embed_dim=config.step_embed_dim)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(sample, timestep, cond))
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """The output block: features ``(B, down_dims[0], horizon)`` -> ``(B, horizon, action_dim)``."""
+        return self.final(features).transpose(1, 2)
+
+    def features(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Everything before the output block: ``(B, down_dims[0], horizon)`` (a Koopman student's latent)."""
         if timestep.dim() == 0:
             timestep = timestep.expand(sample.shape[0])
         film = torch.cat([self.step_embed(timestep), cond], dim=-1)
@@ -109,4 +117,4 @@ class ConditionalUnet1D(nn.Module):
         for res1, res2, upsample in self.up:
             x = torch.cat([x, skips.pop()], dim=1)
             x = upsample(res2(res1(x, film), film))
-        return self.final(x).transpose(1, 2)
+        return x

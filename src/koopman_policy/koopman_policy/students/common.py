@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from koopman_policy.base import BasePolicy, PolicyConfig
 from koopman_policy.modeling.layers import mlp
@@ -40,3 +41,13 @@ class OneStepStudent(BasePolicy):
 
     def to_chunk(self, flat: torch.Tensor) -> torch.Tensor:
         return flat.unflatten(-1, (self.config.horizon, self.config.action_dim))
+
+
+def load_teacher_unet(unet: nn.Module, teacher: BasePolicy, method: str) -> bool:
+    """Copy the teacher's denoiser weights into a student's U-Net of the same architecture."""
+    try:
+        unet.load_state_dict(teacher.model.state_dict())
+    except (AttributeError, RuntimeError) as err:
+        raise ValueError(f"{method}: the U-Net cannot start from this teacher ({err}); set down_dims/kernel_size/"
+                         "n_groups/step_embed_dim to the teacher's, or teacher_init=false") from None
+    return True

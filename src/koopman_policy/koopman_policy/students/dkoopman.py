@@ -35,7 +35,9 @@ class DKoopmanPolicy(KoopmanStudent):
         if config.refinement_steps < 1:
             raise ValueError(f"dkoopman: refinement_steps (J) must be >= 1, got {config.refinement_steps}")
         super().__init__(config)
-        self.operator = FactorizedDynamicOperator(config.latent_dim, config.cond_embed_dim, config.gain_hidden)
+        self.operator = FactorizedDynamicOperator(self.latent_size, self.cond_width, config.gain_hidden)
+        if config.encoder == "unet":
+            self.operator.start_near_identity()
 
     def propagate(self, z_noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         z = z_noise

@@ -24,18 +24,24 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from koopman_policy.base import BasePolicy
 from koopman_policy.modeling.koopman import DecomposedOperator, FullOperator
 from koopman_policy.modeling.layers import mlp
-from koopman_policy.students.common import OneStepStudent, StudentConfig
+from koopman_policy.modeling.unet1d import ConditionalUnet1D, UnetConfig
+from koopman_policy.students.common import OneStepStudent, StudentConfig, load_teacher_unet
+
+ENCODERS = ("mlp", "unet")
 
 
 @dataclass
-class KoopmanConfig(StudentConfig):
-    latent_dim: int = 128
+class KoopmanConfig(StudentConfig, UnetConfig):
+    latent_dim: int = 128  # the MLP encoders'; the U-Net's latent is down_dims[0] x horizon
     encoder_depth: int = 4
     decoder_depth: int = 4
     latent_noise: float = 0.4
     operator_loss_weight: float = 1.0
+    encoder: str = "mlp"  # "mlp" or "unet" (the teacher's U-Net features, see the module docstring)
+    teacher_init: bool = True  # U-Net encoder only, as are the UnetConfig fields (the teacher's defaults)
 
 
 @dataclass
@@ -51,10 +57,62 @@ class KoopmanStudent(OneStepStudent):
     def __init__(self, config: KoopmanConfig) -> None:
         super().__init__(config)
         c = config
-        self.enc_noise = mlp(self.chunk_dim, c.hidden_dim, c.latent_dim, c.encoder_depth)
-        self.enc_clean = mlp(self.chunk_dim, c.hidden_dim, c.latent_dim, c.encoder_depth)
-        self.decoder = mlp(c.latent_dim, c.hidden_dim, self.chunk_dim, c.decoder_depth)
-        self.control = nn.Linear(c.cond_embed_dim, c.latent_dim, bias=False)
+        if c.encoder not in ENCODERS:
+            raise ValueError(f"{self.method}: encoder must be one of {ENCODERS}, got {c.encoder!r}")
+        if c.encoder == "unet":
+            self.cond_encoder = nn.Identity()  # the U-Net's FiLM layers read the normalised history itself
+            self.unet = ConditionalUnet1D.from_config(c.action_dim, self.cond_dim, c)
+        else:
+            self.enc_noise = mlp(self.chunk_dim, c.hidden_dim, c.latent_dim, c.encoder_depth)
+            self.enc_clean = mlp(self.chunk_dim, c.hidden_dim, c.latent_dim, c.encoder_depth)
+            self.decoder = mlp(c.latent_dim, c.hidden_dim, self.chunk_dim, c.decoder_depth)
+        self.control = nn.Linear(self.cond_width, self.latent_size, bias=False)
+        if c.encoder == "unet":
+            nn.init.zeros_(self.control.weight)  # start as the teacher's network: no control term yet
+
+    @property
+    def latent_size(self) -> int:
+        c = self.config
+        return c.down_dims[0] * c.horizon if c.encoder == "unet" else c.latent_dim
+
+    @property
+    def cond_width(self) -> int:
+        """Width of the observation conditioning the operator and the control term read."""
+        return self.cond_dim if self.config.encoder == "unet" else self.config.cond_embed_dim
+
+    @property
+    def has_ood_score(self) -> bool:
+        """The latent residual needs a second encoder pass: cheap for the MLPs, a second U-Net call (twice the
+        latency) for the U-Net encoder, which therefore reports no score."""
+        return self.config.encoder == "mlp"
+
+    def init_from_teacher(self, teacher: BasePolicy) -> bool:
+        """Start the U-Net encoder and head from the teacher's denoiser; the MLPs have nothing to take."""
+        if self.config.encoder != "unet" or not self.config.teacher_init:
+            return False
+        return load_teacher_unet(self.unet, teacher, self.method)
+
+    def encode_noise(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """E_T: flat noise ``(B, H*Da)`` -> latent; the U-Net reads it at the last diffusion step."""
+        if self.config.encoder == "unet":
+            return self._unet_features(x, self.config.num_train_timesteps - 1, cond)
+        return self.enc_noise(x)
+
+    def encode_clean(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """E_0: flat clean chunk -> latent; the U-Net reads it at diffusion step 0."""
+        if self.config.encoder == "unet":
+            return self._unet_features(x, 0, cond)
+        return self.enc_clean(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """D: latent -> flat chunk; for the U-Net encoder its output block (a light action head)."""
+        if self.config.encoder == "unet":
+            return self.unet.head(z.unflatten(-1, (self.config.down_dims[0], self.config.horizon))).flatten(1)
+        return self.decoder(z)
+
+    def _unet_features(self, x: torch.Tensor, step: int, cond: torch.Tensor) -> torch.Tensor:
+        t = torch.full_like(x[:, 0], step)  # batch-sized from the data: the ONNX graph keeps the batch axis
+        return self.unet.features(self.to_chunk(x), t, cond).flatten(1)
 
     def propagate(self, z_noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -66,19 +124,22 @@ class KoopmanStudent(OneStepStudent):
         obs_n, x_noise, x_clean = self.unpack(batch)
         sigma = self.config.latent_noise
         cond = self.cond_encoder(obs_n)
-        z_clean = self.enc_clean(x_clean)
-        z_noise = self.enc_noise(x_noise)
+        z_clean = self.encode_clean(x_clean, cond)
+        z_noise = self.encode_noise(x_noise, cond)
         z_pred = self.propagate(z_noise + sigma * torch.randn_like(z_noise), cond)
         latent = F.mse_loss(z_pred, z_clean)
-        recon = F.mse_loss(self.decoder(z_clean + sigma * torch.randn_like(z_clean)), x_clean)
-        predict = F.mse_loss(self.decoder(z_pred), x_clean)
+        recon = F.mse_loss(self.decode(z_clean + sigma * torch.randn_like(z_clean)), x_clean)
+        predict = F.mse_loss(self.decode(z_pred), x_clean)
         return latent + recon + predict + self.config.operator_loss_weight * self.operator_regularizer()
 
     def sample_normalized(self, obs_n: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cond = self.cond_encoder(obs_n)
-        z = self.propagate(self.enc_noise(noise.flatten(1)), cond)
-        x = self.decoder(z)
-        residual = (self.enc_clean(x) - z).pow(2).sum(-1) / z.pow(2).sum(-1).clamp_min(1e-6)
+        flat = noise.flatten(1)
+        z = self.propagate(self.encode_noise(flat, cond), cond)
+        x = self.decode(z)
+        if not self.has_ood_score:  # zeros shaped from the input, so that the ONNX graph keeps the batch axis
+            return self.to_chunk(x), torch.zeros_like(flat[:, 0])
+        residual = (self.encode_clean(x, cond) - z).pow(2).sum(-1) / z.pow(2).sum(-1).clamp_min(1e-6)
         return self.to_chunk(x), residual
 
 
@@ -90,11 +151,13 @@ class KDMPolicy(KoopmanStudent):
     def __init__(self, config: KDMConfig) -> None:
         super().__init__(config)
         if config.operator == "full":
-            self.operator: nn.Module = FullOperator(config.latent_dim)
+            self.operator: FullOperator | DecomposedOperator = FullOperator(self.latent_size)
         elif config.operator == "decomposed":
-            self.operator = DecomposedOperator(config.latent_dim)
+            self.operator = DecomposedOperator(self.latent_size)
         else:
             raise ValueError(f"kdm: operator must be 'full' or 'decomposed', got {config.operator!r}")
+        if config.encoder == "unet":
+            self.operator.start_near_identity()
 
     def propagate(self, z_noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.operator(z_noise) + self.control(cond)

@@ -56,7 +56,7 @@ from torch.nn import functional as F
 from koopman_policy.base import BasePolicy
 from koopman_policy.modeling.layers import SinusoidalEmbedding, mlp
 from koopman_policy.modeling.unet1d import ConditionalUnet1D, UnetConfig
-from koopman_policy.students.common import OneStepStudent, StudentConfig
+from koopman_policy.students.common import OneStepStudent, StudentConfig, load_teacher_unet
 
 BACKBONES = ("mlp", "unet")
 
@@ -101,13 +101,7 @@ class OneFlowPolicy(OneStepStudent):
         """Start the U-Net backbone from the teacher's denoiser weights; the MLP has nothing to take."""
         if self.config.backbone != "unet" or not self.config.teacher_init:
             return False
-        try:
-            self.unet.load_state_dict(teacher.model.state_dict())
-        except (AttributeError, RuntimeError) as err:
-            raise ValueError(f"oneflow: the U-Net backbone cannot start from this teacher ({err}); "
-                             "set down_dims/kernel_size/n_groups/step_embed_dim to the teacher's, "
-                             "or teacher_init=false") from None
-        return True
+        return load_teacher_unet(self.unet, teacher, self.method)
 
     def end_point(self, x: torch.Tensor, s: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """``F(x, s, obs)``, the chunk the path through ``x`` at progress ``s`` ends on."""

@@ -1,0 +1,55 @@
+"""Koopman students built on the teacher's U-Net (issue 23): structure, starting point, training signal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from koopman_policy.registry import policy_class
+
+B, TO, DO, H, DA, K = 6, 2, 5, 16, 2, 6
+UNET = {"obs_dim": DO, "action_dim": DA, "down_dims": (16, 32), "step_embed_dim": 16}
+
+
+def make(method: str, **overrides):
+    cls = policy_class(method)
+    return cls(cls.config_class(**overrides))
+
+
+def batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"obs": torch.randn(B, TO, DO, generator=g), "states": torch.randn(B, K + 1, H, DA, generator=g)}
+
+
+@pytest.mark.parametrize(("method", "tol"), [("kdm", 0.0), ("dkoopman", 0.05)])
+def test_unet_encoder_starts_as_the_teachers_network(method, tol):
+    """K = I (kdm) or K ≈ 0.98 I (dkoopman) and no control term: the one-step chunk is the teacher's U-Net
+    output at the last diffusion step, the point the oneflow student also starts from."""
+    torch.manual_seed(0)
+    teacher = make("teacher", **UNET)
+    student = make(method, encoder="unet", **UNET).eval()
+    assert student.init_from_teacher(teacher)
+    assert student.latent_size == 16 * H and not student.has_ood_score
+    b = batch()
+    obs_n, noise = student.encode_obs(b["obs"]), b["states"][:, 0]
+    with torch.no_grad():
+        chunk, ood = student.sample_normalized(obs_n, noise)
+        eps = teacher.model(noise, torch.full((B,), 99), obs_n)
+    assert (chunk - eps).abs().max() <= tol + 1e-6
+    assert torch.equal(ood, torch.zeros(B))
+
+
+@pytest.mark.parametrize("method", ["kdm", "dkoopman"])
+def test_unet_encoder_trains_every_weight_and_mlp_stays_the_default(method):
+    student = make(method, encoder="unet", **UNET)
+    loss = student.compute_loss(batch())
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert [n for n, p in student.named_parameters() if p.grad is None] == []
+    mlp = make(method)
+    assert mlp.config.encoder == "mlp" and mlp.has_ood_score and not hasattr(mlp, "unet")
+    assert not mlp.init_from_teacher(make("teacher"))
+    with pytest.raises(ValueError, match="encoder must be one of"):
+        make(method, encoder="transformer")
+    with pytest.raises(ValueError, match="down_dims"):
+        make(method, encoder="unet", obs_dim=DO, action_dim=DA).init_from_teacher(make("teacher", **UNET))
