@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PACKAGES := src/koopman_sim src/koopman_policy src/koopman_distill src/koopman_control
+PACKAGES := src/gen3_description src/koopman_sim src/koopman_policy src/koopman_distill src/koopman_control
 export MUJOCO_GL ?= egl
 export RMW_IMPLEMENTATION ?= rmw_fastrtps_cpp
 

@@ -64,6 +64,37 @@ class Participant:
 
         return wait_until(find, timeout, what=what)
 
+    def demonstrate_with_expert(self) -> None:
+        """Answer every observation on policy/observation with the scripted expert's plan on
+        policy/action_chunk, as a teleoperator or another controller would (one expert plan per episode)."""
+        import numpy as np
+        from trajectory_msgs.msg import JointTrajectory
+
+        from koopman_control import topics
+        from koopman_control.core.episodes import parse_episode
+        from koopman_control.ros import convert, qos
+        from koopman_sim import gen3
+        from koopman_sim.expert import ScriptedExpert
+
+        expert, state = ScriptedExpert(), {"episode": None, "k": 0}
+        pub = self.publisher(topics.ACTION_CHUNK, JointTrajectory, qos.CONTROL)
+
+        def on_obs(msg: JointTrajectory) -> None:
+            if not msg.points:
+                return
+            stamp, hist, _, _ = convert.observation_from_msg(msg)
+            ep = parse_episode(msg.header.frame_id)
+            if ep != state["episode"]:
+                state["episode"], state["k"] = ep, 0
+                expert.reset(hist[-1], np.random.default_rng(ep))
+            k = min(state["k"], expert.plan_steps - 1)
+            plan = expert.plan[k:k + 16]
+            pub.publish(convert.chunk_msg(stamp, list(gen3.JOINT_NAMES), np.arange(len(plan)) * 0.1, plan,
+                                          msg.header.frame_id))
+            state["k"] += 1
+
+        self.node.create_subscription(JointTrajectory, topics.OBSERVATION, on_obs, qos.CONTROL)
+
     def close(self) -> None:
         self._ex.shutdown()
         self._thread.join(2.0)

@@ -6,6 +6,7 @@ ingest cores, as the ROS stack feeds it.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +101,9 @@ def test_cards_contracts_and_metadata(pipeline):
 
 def test_eval_runs_camera_and_state_policies_with_one_protocol(pipeline):
     out = pipeline / "eval" / "camera.json"
-    assert main(["eval", "--policies", f"{pipeline / 'student'},{pipeline / 'teacher'},dkoopman", "--backend",
+    state = pipeline / "state_dkoopman"  # a copy: --update-cards writes to the card of every policy evaluated
+    shutil.copytree(REPO / "models" / "gen3_dkoopman", state, dirs_exist_ok=True)
+    assert main(["eval", "--policies", f"{pipeline / 'student'},{pipeline / 'teacher'},{state}", "--backend",
                  "onnx", "--episodes", "1", "--mmd-obs", "2", "--mmd-draws", "2", "--json", str(out),
                  "--update-cards"]) == 0
     results = json.loads(out.read_text())
@@ -109,7 +112,7 @@ def test_eval_runs_camera_and_state_policies_with_one_protocol(pipeline):
         ("onnx", "image", None, [32, 32])
     assert teacher["sampler"] == "ddim-2" and teacher["mmd_to_teacher"] is None
     assert student["render_ms_per_frame"]["p50"] > 0 and student["episodes"] == 1
-    assert results["dkoopman"]["inputs"] == "state" and results["dkoopman"]["mmd_to_teacher"] is not None
+    assert results[str(state)]["inputs"] == "state" and results[str(state)]["mmd_to_teacher"] is not None
     card = json.loads((pipeline / "student" / "card.json").read_text())
     assert card["evaluation"]["success_rate"] == student["success_rate"]
     assert card["evaluation"]["noise_per"] == "decision"

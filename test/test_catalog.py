@@ -35,6 +35,15 @@ def test_repository_catalogue() -> None:
     assert resolve_policy(None, root=REPO).name == "dkoopman"
 
 
+def test_shipped_cards_record_the_pipelines_commands() -> None:
+    """Every card's commands are the pipeline's (the Makefile's), never a test's run on temporary files."""
+    import json
+
+    for card in sorted(REPO.glob("models/*/card.json")):
+        text = json.dumps(json.loads(card.read_text()))
+        assert "pytest-of" not in text and "/tmp/" not in text, f"{card}: written by a test run"
+
+
 def test_unknown_name_lists_known_names() -> None:
     known = r"known: bc, camera_dkoopman, camera_teacher, cd, dkoopman"
     with pytest.raises(UnknownPolicyError, match=r"unknown policy 'dkoopmann'.*" + known):

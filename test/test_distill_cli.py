@@ -238,3 +238,18 @@ def test_ddp_two_processes_agree(pipeline):
     training = json.loads((out / "card.json").read_text())["training"]
     assert training["world_size"] == 2
     assert training["ranks_agree"] is True
+
+
+def test_help_lists_every_command_without_torch() -> None:
+    """``koopman-distill --help`` answers at once: only the command being run is imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from koopman_distill.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('heavy:', sorted(m for m in ('torch', 'onnxruntime', 'mujoco', 'h5py') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "heavy: []" in r.stdout, r.stdout[-500:]
+    from koopman_distill.cli import COMMANDS
+    assert all(name in r.stdout for name in COMMANDS)

@@ -11,15 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import wait_until
 from std_msgs.msg import String
-from trajectory_msgs.msg import JointTrajectory
 
 from koopman_control import topics
-from koopman_control.core.episodes import parse_episode
-from koopman_control.ros import convert, qos
+from koopman_control.ros import qos
 
 pytestmark = pytest.mark.slow
 JOINTS = [f"joint_{i}" for i in range(1, 8)]
@@ -50,7 +47,6 @@ def test_record_convert_train_export_and_serve_a_task_of_your_own(tmp_path: Path
     from koopman_control.stack import StackArgs, build_stack
     from koopman_control.testing import session_domain_id
     from koopman_distill.cli import main as distill
-    from koopman_sim.expert import ScriptedExpert
 
     task_file = tmp_path / "reach_target.yaml"
     task_file.write_text(TASK_FILE)
@@ -59,24 +55,9 @@ def test_record_convert_train_export_and_serve_a_task_of_your_own(tmp_path: Path
     # 1. Demonstrations through the topics: the sim and the ingest run; the scripted expert answers every
     #    observation with its plan on policy/action_chunk, as a teleoperator or another controller would.
     domain = session_domain_id() + 130
-    expert, state = ScriptedExpert(), {"episode": None, "k": 0}
     p = participant("demonstrator", domain)
-    pub = p.publisher(topics.ACTION_CHUNK, JointTrajectory, qos.CONTROL)
     results = p.record(topics.EPISODE_RESULT, String, qos.EVENTS)
-
-    def demonstrate(msg: JointTrajectory) -> None:
-        if not msg.points:
-            return
-        stamp, hist, _, _ = convert.observation_from_msg(msg)
-        ep = parse_episode(msg.header.frame_id)
-        if ep != state["episode"]:
-            state["episode"], state["k"] = ep, 0
-            expert.reset(hist[-1], np.random.default_rng(ep))
-        plan = expert.plan[min(state["k"], expert.plan_steps - 1):][:16]
-        pub.publish(convert.chunk_msg(stamp, JOINTS, np.arange(len(plan)) * 0.1, plan, msg.header.frame_id))
-        state["k"] += 1
-
-    p.node.create_subscription(JointTrajectory, topics.OBSERVATION, demonstrate, qos.CONTROL)
+    p.demonstrate_with_expert()
     specs = [s for s in build_stack(StackArgs(task="gen3_reach_obstacle"), overrides={"sim": {"seed": 31}})
              if s.name in ("sim", "state_ingest")]
     bag = tmp_path / "demos_bag"

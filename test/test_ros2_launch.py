@@ -294,8 +294,9 @@ def test_pusht_launch(workspace: Shell, pytestconfig: pytest.Config) -> None:
     episode lasts 30 s, so this waits for chunks, not for a result)."""
     with running_stack(workspace, "task:=pusht policy:=pusht_oneflow", DOMAIN + 2) as s:
         t0 = time.monotonic()
-        r = s.ros2("topic echo --once --no-daemon --field joint_names /policy/action_chunk",
-                   timeout=FIRST_RESULT_TIMEOUT)
+        # The type given: echo then waits for the publisher instead of giving up on an unknown topic.
+        r = s.ros2("topic echo --once --no-daemon --field joint_names /policy/action_chunk "
+                   "trajectory_msgs/msg/JointTrajectory", timeout=FIRST_RESULT_TIMEOUT)
         if r.returncode or "agent_x" not in r.stdout:
             s.fail(f"no Push-T chunk on /policy/action_chunk (rc {r.returncode}):\n{r.stdout}\n{r.stderr}")
         assert s.param_get("/policy", "policy") == "pusht_oneflow"

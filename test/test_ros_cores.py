@@ -102,6 +102,14 @@ def test_plan_follower_on_the_models_time_grid() -> None:
     assert all(a is not None for a in actives[:79])
     assert [a[1][0, 0] for a in actives[:79:10]] == list(range(8))
     assert f.remaining(T0 + 10 * MS, "a", 1) is None  # execute_steps 1: a new plan at every tick
+    # 100 Hz ticks landing a feedback sample (2 ms) early or late: no point starts before its grid time but
+    # for that jitter (a tick 10 ms before it, the previous tick, never starts it).
+    f100 = PlanFollower(tick_period_s=0.01)
+    f100.adopt(points, 0.1, T0, "a")
+    for k in range(1, 79):
+        t = T0 + k * 10 * MS + (2 * MS if k % 2 else -2 * MS)
+        due = (k * 10 + 2) // 100  # the point whose grid time the tick has reached, within the jitter
+        assert f100.remaining(t, "a", 8)[1][0, 0] == due, k
 
 
 def test_runner_refuses_a_history_spaced_unlike_its_training() -> None:

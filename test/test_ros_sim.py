@@ -190,31 +190,13 @@ def test_closed_loop_expert_through_topics_reaches_target(contexts, participant)
     from koopman_control.bringup import Stack
     from koopman_control.stack import StackArgs, build_stack
     from koopman_control.testing import session_domain_id
-    from koopman_sim.expert import ScriptedExpert
 
     domain = session_domain_id() + 110  # a domain of its own: no other test's sim publishes there
     specs = [s for s in build_stack(StackArgs(teacher_fallback=False), overrides={"sim": {"seed": 21}})
              if s.name in ("sim", "state_ingest")]
-    expert = ScriptedExpert()
-    state = {"episode": None, "k": 0}
     p = participant("expert_probe", domain)
-    pub = p.publisher(topics.ACTION_CHUNK, JointTrajectory, qos.CONTROL)
     results = p.record(topics.EPISODE_RESULT, String, qos.EVENTS)
-
-    def on_obs(msg: JointTrajectory) -> None:
-        if not msg.points:
-            return
-        stamp, hist, _, _ = convert.observation_from_msg(msg)
-        ep = parse_episode(msg.header.frame_id)
-        if ep != state["episode"]:
-            state["episode"], state["k"] = ep, 0
-            expert.reset(hist[-1], np.random.default_rng(ep))
-        k = min(state["k"], expert.plan_steps - 1)
-        plan = expert.plan[k:k + 16]
-        pub.publish(convert.chunk_msg(stamp, JOINTS, np.arange(len(plan)) * 0.1, plan, msg.header.frame_id))
-        state["k"] += 1
-
-    p.node.create_subscription(JointTrajectory, topics.OBSERVATION, on_obs, qos.CONTROL)
+    p.demonstrate_with_expert()
     with Stack(specs, context=contexts(domain)) as stack:
         wait_until(lambda: len(results) >= 2, 30.0, interval=0.1, what="two episodes driven by the expert")
         stack.check()

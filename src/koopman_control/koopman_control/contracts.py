@@ -78,7 +78,7 @@ def with_unwrap_reference(contract: Contract, meta: dict) -> Contract:
 def joint_bounds(joints: Sequence[str], features: Sequence[Feature]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(lower, upper, rated speed) per joint: a feature's own ``limits``, else the Gen3 description's for its
     joints, else unbounded (checked for finiteness only)."""
-    from koopman_sim import gen3
+    import gen3_description as gen3
 
     known = {j: (gen3.JOINT_LOWER[k], gen3.JOINT_UPPER[k], gen3.VELOCITY_LIMITS[k])
              for k, j in enumerate(gen3.JOINT_NAMES)}

@@ -62,8 +62,8 @@ def _publish(node: Any, kind: str, duration: float) -> dict[str, Any]:
     from sensor_msgs.msg import JointState
     from trajectory_msgs.msg import JointTrajectory
 
+    import gen3_description as gen3
     from koopman_control.ros import convert, qos
-    from koopman_sim import gen3
 
     names = list(gen3.JOINT_NAMES)
     q = np.array(gen3.HOME_Q)

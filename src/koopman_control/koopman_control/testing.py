@@ -24,10 +24,10 @@ def export_untrained(method: str, path: str | Path, seed: int = 0, teacher_steps
     """Export an untrained ``method`` policy for the Gen3 task to ``path`` (an .onnx file)."""
     import torch
 
+    import gen3_description as gen3
     from koopman_control.contracts import resolve_contract
     from koopman_policy.onnx_export import export_policy
     from koopman_policy.registry import policy_class
-    from koopman_sim import gen3
     from koopman_sim.tasks.reach_obstacle import OBS_NAMES
 
     torch.manual_seed(seed)

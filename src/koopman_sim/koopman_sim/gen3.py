@@ -1,19 +1,32 @@
-"""Kinova Gen3 7-DoF constants and model loading.
+"""The Kinova Gen3 in MuJoCo: loading and checking its model.
 
-The numbers come from Kinova's published specifications so that every consumer (gym task, scripted expert,
-ROS sim node, policy action limits) agrees on one set of limits.
+The arm's facts (names, limits, home pose, the MJCF itself) live in :mod:`gen3_description`, shared with the
+Kortex bridge and the config; they are re-exported here for the simulator's code.
 """
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
 import mujoco
-import numpy as np
+
+from gen3_description import (
+    CONTINUOUS,
+    EE_SITE,
+    EE_SITE_FALLBACKS,
+    EFFORT_LIMITS,
+    HOME_Q,
+    JOINT_LOWER,
+    JOINT_NAMES,
+    JOINT_UPPER,
+    VELOCITY_LIMITS,
+    mjcf_path,
+)
 
 __all__ = [
+    "CONTINUOUS",
     "EE_SITE",
+    "EE_SITE_FALLBACKS",
     "EFFORT_LIMITS",
     "HOME_Q",
     "JOINT_LOWER",
@@ -26,33 +39,14 @@ __all__ = [
     "load_spec",
 ]
 
-JOINT_NAMES: tuple[str, ...] = tuple(f"joint_{i}" for i in range(1, 8))
-EE_SITE = "ee_site"
-# Menagerie's kinova_gen3 model names its flange site differently; accepted as a fallback.
-EE_SITE_FALLBACKS: tuple[str, ...] = ("pinch_site",)
-
-_TWO_PI = 2.0 * np.pi
-# Joints 1, 3, 5, 7 are continuous on the real arm; commands are restricted to one turn either way so that a
-# policy's action space is bounded and a target never asks for several revolutions of cable wind-up.
-JOINT_UPPER = np.array([_TWO_PI, 2.24, _TWO_PI, 2.57, _TWO_PI, 2.09, _TWO_PI])
-JOINT_LOWER = -JOINT_UPPER
-VELOCITY_LIMITS = np.array([1.3963, 1.3963, 1.3963, 1.3963, 1.2218, 1.2218, 1.2218])  # rad/s
-EFFORT_LIMITS = np.array([39.0, 39.0, 39.0, 39.0, 9.0, 9.0, 9.0])  # N m
-# Ready pose with the tool pointing straight down, flange at about (0.26, 0, 0.20) m: the start pose of the
-# reach task. It is not Kinova's factory "Home" (which points the tool forward at 0.43 m height).
-HOME_Q = np.array([0.0, 0.4154, np.pi, -2.4349, 0.0, -0.2917, np.pi / 2])
-
-for _arr in (JOINT_UPPER, JOINT_LOWER, VELOCITY_LIMITS, EFFORT_LIMITS, HOME_Q):
-    _arr.setflags(write=False)
-
 
 class Gen3ModelError(ValueError):
     """An MJCF file that cannot serve as a Gen3 arm (unparsable, or joints/actuators/site missing)."""
 
 
 def default_model_path() -> Path:
-    """Path of the bundled MJCF (``koopman_sim/assets/gen3.xml``)."""
-    return Path(str(resources.files("koopman_sim") / "assets" / "gen3.xml"))
+    """Path of the arm's MJCF (:func:`gen3_description.mjcf_path`)."""
+    return mjcf_path()
 
 
 def _resolve(path: str | Path | None) -> Path:

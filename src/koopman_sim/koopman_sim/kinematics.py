@@ -1,8 +1,8 @@
 """Kinematics helpers: Kinova's published DH model and a damped-least-squares IK on the MuJoCo model.
 
-``dh_forward`` is deliberately independent of the MJCF (pure numpy from Kinova's user-guide DH table) so it
-can check the hand-written model; ``IKSolver`` uses MuJoCo's Jacobians so it matches the simulated
-arm exactly.
+``dh_forward`` is deliberately independent of the MJCF (pure numpy from Kinova's user-guide DH table,
+:data:`gen3_description.DH_TABLE`) so it can check the hand-written model; ``IKSolver`` uses MuJoCo's
+Jacobians so it matches the simulated arm exactly.
 """
 
 from __future__ import annotations
@@ -10,24 +10,10 @@ from __future__ import annotations
 import mujoco
 import numpy as np
 
+from gen3_description import DH_TABLE
 from koopman_sim import gen3
 
 __all__ = ["DH_TABLE", "IKSolver", "dh_forward"]
-
-# (alpha, a, d, theta offset) per joint, classic DH, from Kinova's Gen3 user guide (7 DoF, no gripper).
-# The d values are the exact sums of the URDF offsets (the guide prints them rounded to 0.1 mm):
-# 0.2848 = 0.15643 + 0.12838, 0.0118 = 0.005375 + 0.006375, 0.4208 = 2 * 0.21038,
-# 0.0128 = 2 * 0.006375, 0.3143 = 0.20843 + 0.10593, 0.1674 = 0.10593 + 0.061525.
-# The URDF's two 0.17505 mm wrist offsets have no DH counterpart (at most 0.35 mm of disagreement).
-DH_TABLE: tuple[tuple[float, float, float, float], ...] = (
-    (np.pi / 2, 0.0, -(0.15643 + 0.12838), 0.0),
-    (np.pi / 2, 0.0, -(0.005375 + 0.006375), np.pi),
-    (np.pi / 2, 0.0, -(0.21038 + 0.21038), np.pi),
-    (np.pi / 2, 0.0, -(0.006375 + 0.006375), np.pi),
-    (np.pi / 2, 0.0, -(0.20843 + 0.10593), np.pi),
-    (np.pi / 2, 0.0, 0.0, np.pi),
-    (np.pi, 0.0, -(0.10593 + 0.061525), np.pi),
-)
 
 
 def _rot_x(a: float) -> np.ndarray:

@@ -60,7 +60,7 @@ def record_sim_run(out: str | Path, *, driver: str = "expert", policy: str | Non
         runner = PolicyRunner.load(policy, seed=seed)
         n_obs_steps = max(n_obs_steps, runner.meta.n_obs_steps)
         policy_rate_hz = 1.0 / runner.meta.control_dt
-    from koopman_sim import gen3
+    import gen3_description as gen3
 
     checks = CommandChecks(gen3.JOINT_LOWER, gen3.JOINT_UPPER, interpolation="zoh")
     sim = SimDriver(Gen3Reach(physics_dt=1.0 / feedback_rate_hz, time_limit=time_limit), checks,

@@ -67,7 +67,7 @@ class Gen3Reach(SimTask):
     feedback_rate_hz = 500.0
 
     def __init__(self, physics_dt: float = 0.002, time_limit: float = 8.0, model_path: str | None = None) -> None:
-        from koopman_sim import gen3
+        import gen3_description as gen3
         from koopman_sim.arm import Gen3Arm
         from koopman_sim.tasks.reach_obstacle import ReachObstacleTask
 

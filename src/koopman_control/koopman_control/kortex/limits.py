@@ -3,7 +3,7 @@
 Nothing reaches the arm without going through :class:`CommandShaper`: a non-finite value becomes a stop,
 speeds are scaled and clipped to the velocity limits, changes of speed to the acceleration limits, and a
 joint is slowed so that it can always brake before its position limit. The limits are those of
-``config/kinova.yaml`` (defaults: :mod:`koopman_sim.gen3` and Kinova's published 8.6 rad/s^2 reduced).
+``config/kinova.yaml`` (defaults: the arm's description, :mod:`gen3_description`, and a reduced acceleration).
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from koopman_sim import gen3
+import gen3_description as gen3
 
 # Kinova publishes 8.6 rad/s^2 (its MoveIt configuration); commands here stay well below it.
 DEFAULT_ACCELERATION = 3.0
-CONTINUOUS = (True, False, True, False, True, False, True)  # joints 1, 3, 5, 7 have no end stops
 
 
 class LimitsError(ValueError):
@@ -59,7 +58,7 @@ class JointLimits:
     @classmethod
     def default(cls, speed_scale: float = 0.5) -> JointLimits:
         return cls(np.array(gen3.JOINT_LOWER), np.array(gen3.JOINT_UPPER), np.array(gen3.VELOCITY_LIMITS),
-                   np.full(7, DEFAULT_ACCELERATION), np.array(CONTINUOUS), speed_scale)
+                   np.full(7, DEFAULT_ACCELERATION), np.array(gen3.CONTINUOUS), speed_scale)
 
     @classmethod
     def from_params(cls, p: Mapping[str, Any]) -> JointLimits:

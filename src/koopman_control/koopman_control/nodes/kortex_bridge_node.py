@@ -28,16 +28,16 @@ from std_msgs.msg import Header, String
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
+import gen3_description as gen3
 from koopman_control import topics
 from koopman_control.core.episodes import Announcement, EpisodeSequencer, Phase, episode_label
 from koopman_control.core.sim_driver import episode_summary, result_line
 from koopman_control.kortex.api import KortexApiMissingError, load_api
 from koopman_control.kortex.bridge import BridgeConfig, BridgeState, JointSample, KortexBridge
 from koopman_control.kortex.client import ConnectionConfig, KortexClient, KortexError
-from koopman_control.kortex.limits import JointLimits, LimitsError
+from koopman_control.kortex.limits import DEFAULT_ACCELERATION, JointLimits, LimitsError
 from koopman_control.ros import convert, qos
 from koopman_control.ros.base import ERROR, OK, WARN, KoopmanNode, ParameterError, run_node
-from koopman_sim import gen3
 
 NAME = "kortex_bridge"
 TASK_SOURCES = ("none", "standin", "params")
@@ -86,8 +86,9 @@ class KortexBridgeNode(KoopmanNode):
         }
         arrays = {
             "position_lower": list(gen3.JOINT_LOWER), "position_upper": list(gen3.JOINT_UPPER),
-            "velocity_limits": list(gen3.VELOCITY_LIMITS), "acceleration_limits": [3.0] * 7,
-            "continuous_joints": [True, False, True, False, True, False, True],
+            "velocity_limits": list(gen3.VELOCITY_LIMITS),
+            "acceleration_limits": [DEFAULT_ACCELERATION] * len(gen3.JOINT_NAMES),
+            "continuous_joints": list(gen3.CONTINUOUS),
             "home_q": list(gen3.HOME_Q), "unwrap_reference": list(gen3.HOME_Q),
             "target": [], "pillar": [],
         }

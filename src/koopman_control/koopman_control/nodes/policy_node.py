@@ -188,7 +188,7 @@ class PolicyNode(KoopmanNode):
         self._prev_stamp: int | None = None
         self._last_rx: float | None = None
         self._prev_served = True
-        self.plan = PlanFollower()  # the plan being followed, keyed by (episode, mode)
+        self.plan = PlanFollower(1.0 / self.param("policy_rate"))  # the plan followed, keyed by (episode, mode)
         self._teacher_latest: JointTrajectory | None = None
         self._awaiting_teacher: tuple[int, int] | None = None  # (stamp, episode) of a fallback tick without a plan
         self._image: tuple[int, int, np.ndarray] | None = None  # newest image observation: stamp, episode, frames
@@ -283,6 +283,7 @@ class PolicyNode(KoopmanNode):
                 self.supervisor.recover_ticks = value
             elif prm.name == "policy_rate":
                 self.period_ns = round(NS / value)
+                self.plan.tick_period_ns = self.period_ns
             elif prm.name == "ood_threshold" and self.runner is not None:
                 self.runner.ood_threshold = value if value > 0 else self.runner.meta.ood_threshold
         if staged is not None:
@@ -312,13 +313,11 @@ class PolicyNode(KoopmanNode):
         """Missed ticks: the previous tick unserved, or whole periods without an observation within an episode
         (between episodes the arm is reset and no observation is due)."""
         st = self.stats
-        if new_episode and self._prev_stamp is not None and not self._prev_served:
-            st.missed_ticks += 1
-        elif self._prev_stamp is not None:
+        if self._prev_stamp is not None:
             if not self._prev_served:
                 st.missed_ticks += 1
             gap = stamp - self._prev_stamp
-            if gap > 1.5 * self.period_ns:
+            if not new_episode and gap > 1.5 * self.period_ns:  # the reset between two episodes is no gap
                 st.missed_ticks += round(gap / self.period_ns) - 1
         self._prev_stamp = stamp
         self._prev_served = False

@@ -51,7 +51,7 @@ def wrap(q: np.ndarray, continuous: np.ndarray) -> np.ndarray:
 class Ros2ControlStandinNode(KoopmanNode):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(NAME, **kwargs)
-        from koopman_sim import gen3
+        import gen3_description as gen3
         from koopman_sim.arm import Gen3Arm
         from koopman_sim.tasks.reach_obstacle import ReachObstacleTask
 

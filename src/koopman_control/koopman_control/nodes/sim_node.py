@@ -41,7 +41,7 @@ NAME = "sim"
 class SimNode(KoopmanNode):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(NAME, **kwargs)
-        from koopman_sim import gen3
+        import gen3_description as gen3
 
         p = {
             "task": self.declare("task", "gen3_reach_obstacle", "the task to simulate: gen3_reach_obstacle | pusht",

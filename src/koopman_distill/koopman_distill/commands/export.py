@@ -14,11 +14,11 @@ import argparse
 import json
 from pathlib import Path
 
+import gen3_description as gen3
 from koopman_distill.cli import COMMANDS, UserError
 from koopman_distill.contracts import checkpoint_contract
 from koopman_policy.checkpoint import CONFIG, WEIGHTS, read_config
 from koopman_policy.onnx_export import DEFAULT_TEACHER_STEPS, OPSET, PARITY_TOL, ExportResult, export_checkpoint
-from koopman_sim import gen3
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -55,7 +55,7 @@ class StandinRobot:
     def __init__(self, ip: str = STANDIN_IP, *, physics_rate_hz: float = 500.0, model_path: str | None = None,
                  username: str = "admin", password: str = "admin", with_task: bool = True,
                  time_limit: float = 8.0, seed: int = 0, action_speed: float = 0.5) -> None:
-        from koopman_sim import gen3
+        import gen3_description as gen3
         from koopman_sim.arm import Gen3Arm
 
         self.ip = ip
