@@ -5,10 +5,10 @@ model's control period), whatever the rate the controller ticks at. At a later t
 ``j = floor((t - s0 + tol) / dt)`` and what is published is ``p_j`` from ``t`` on, then ``p_{j+1}, ...`` at their
 own times. Ticks land up to a feedback sample around their grid point; ``tol`` absorbs that jitter and is at
 most half the controller's tick period, so that a tick one period before a grid point never starts that
-point early: with a fixed tenth of the model period, a 100 Hz controller started every point 10 ms early and
-succeeded in 0.80 of 156 episodes against 0.98 at 10 Hz (docs/experiments.md, "The stack"). A new plan is due once ``steps`` points have become active, so at a 10 Hz task and a 10 Hz controller
-the plan is followed for ``steps`` ticks, and at 100 Hz for the same ``steps * dt`` seconds. ``steps = 1``
-means a new plan at every tick, whatever the rate.
+point early (a fixed tenth of the model period started every point 10 ms early at 100 Hz, and the arm collided:
+docs/experiments.md, "The stack"). A new plan is due once ``steps`` points have become active, so at a 10 Hz
+task and a 10 Hz controller the plan is followed for ``steps`` ticks, and at 100 Hz for the same
+``steps * dt`` seconds. ``steps = 1`` means a new plan at every tick, whatever the rate.
 """
 
 from __future__ import annotations
