@@ -53,7 +53,7 @@ class Gen3Arm:
             model = self._spec.compile()
         except Exception as exc:
             raise gen3.Gen3ModelError(f"cannot compile the arm scene: {exc}") from exc
-        gen3.validate_model(model, self.model_path or "bundled gen3.xml")
+        gen3.validate_model(model, self.model_path or "gen3_description's gen3.xml")
         self._model = model
         self._data = mujoco.MjData(model)
         self._qadr = np.array([model.joint(n).qposadr[0] for n in gen3.JOINT_NAMES])

@@ -81,7 +81,7 @@ class KortexBridgeNode(KoopmanNode):
             "start_timeout": d("start_timeout", 30.0, "standin task: an episode without an accepted chunk this "
                                                       "long after its reset ends unscored (s)"),
             "standin_physics_rate": d("standin_physics_rate", 500.0, "standin arm physics rate (Hz)"),
-            "model_path": d("model_path", "", "standin arm MJCF ('' = bundled gen3.xml)"),
+            "model_path": d("model_path", "", "standin arm MJCF ('' = gen3_description's gen3.xml)"),
             "frame_id": d("frame_id", "base_link", "frame of the target/pillar points"),
         }
         arrays = {

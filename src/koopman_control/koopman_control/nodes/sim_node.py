@@ -66,7 +66,7 @@ class SimNode(KoopmanNode):
                                                                              "from the arm (rad)"),
             "max_chunk_age": self.declare("max_chunk_age", 0.1, "refuse chunks answering older observations (s)"),
             "interpolation": self.declare("interpolation", "zoh", "chunk interpolation: zoh | linear"),
-            "model_path": self.declare("model_path", "", "MJCF of the arm ('' = bundled gen3.xml)"),
+            "model_path": self.declare("model_path", "", "MJCF of the arm ('' = gen3_description's gen3.xml)"),
             "publish_camera": self.declare("publish_camera", False, "render and publish camera frames"),
             "camera_rate": self.declare("camera_rate", 10.0, "camera frame rate (Hz)"),
             "camera_width": self.declare("camera_width", 128, "camera frame width (px)"),
