@@ -8,6 +8,8 @@ fixed sleeps.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +24,30 @@ from rclpy.node import Node
 
 from koopman_control.testing import ros_context, wait_until
 
-__all__ = ["Participant", "wait_until"]
+__all__ = ["CollectedProcess", "Participant", "wait_until"]
+
+
+class CollectedProcess:
+    """A command in its own session on a ROS domain of its own (localhost discovery), its stdout and stderr
+    collected line by line as it runs."""
+
+    def __init__(self, argv: list[str], domain: int, **env: str) -> None:
+        full_env = {**os.environ, "ROS_DOMAIN_ID": str(domain), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
+                    "PYTHONUNBUFFERED": "1", **env}
+        self.proc = subprocess.Popen(argv, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
 
 
 class Participant:

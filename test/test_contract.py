@@ -73,3 +73,14 @@ def test_joints_missing_from_joint_states_are_named() -> None:
     assert b.on_joint_state(JOINTS[:5], np.zeros(5), np.zeros(5), 100 * MS, 100 * MS) is None
     assert b.status is InputStatus.INVALID
     assert "joint_6" in b.reason and "joint_7" in b.reason, b.reason
+
+
+def test_record_task_file_adds_the_contracts_topics(tmp_path: Path) -> None:
+    """``koopman-control record --task-file``: every topic the contract reads, as the bag names it."""
+    from koopman_control.bag.cli import task_topics
+
+    path = tmp_path / "reach_target.yaml"
+    path.write_text(yaml.safe_dump(task()))
+    assert task_topics(str(path)) == ["/joint_states", "/policy/action_chunk", "/task/episode",
+                                      "/task/episode_result", "/task/target"]
+    assert "/task/block_pose" in task_topics("pusht")

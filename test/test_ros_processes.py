@@ -15,11 +15,10 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
+from conftest import CollectedProcess, wait_until
 
 from koopman_control.testing import session_domain_id
 
@@ -28,26 +27,11 @@ CLI = str(Path(sys.executable).parent / "koopman-control")
 EPISODE_FIELDS = {"episode", "seed", "success", "collision", "side", "collision_after_start_s", "waited_s"}
 
 
-class Command:
+class Command(CollectedProcess):
     """A ``koopman-control`` command in its own session; its output collected line by line."""
 
     def __init__(self, args: list[str], domain: int) -> None:
-        env = {**os.environ, "ROS_DOMAIN_ID": str(domain), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
-               "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([CLI, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, start_new_session=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
+        super().__init__([CLI, *args], domain)
 
     def wait_for(self, pattern: str, timeout: float) -> re.Match:
         rx = re.compile(pattern)
@@ -156,12 +140,8 @@ def test_an_external_ros2_control_driver_is_driven_through_its_trajectory_contro
     cell, runs in a process of its own; the stack reaches the target through it."""
     domain = session_domain_id() + 123
     exe = str(Path(sys.executable).parent / "ros2_control_standin_node")
-    env = {**os.environ, "ROS_DOMAIN_ID": str(domain), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
-           "PYTHONUNBUFFERED": "1"}
-    cell = subprocess.Popen([exe, "--ros-args", "-p", "seed:=4", "-p", "cmd_timeout:=0.3"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(ln.rstrip() for ln in cell.stdout), daemon=True).start()
+    cell = CollectedProcess([exe, "--ros-args", "-p", "seed:=4", "-p", "cmd_timeout:=0.3"], domain)
+    lines = cell.lines
     try:
         cmd = Command(["bringup", "--processes", "--robot", "ros2_control", "--no-teacher-fallback"], domain)
         try:
@@ -171,8 +151,8 @@ def test_an_external_ros2_control_driver_is_driven_through_its_trajectory_contro
             cmd.proc.send_signal(signal.SIGINT)
             code = cmd.finish(60.0)
     finally:
-        cell.send_signal(signal.SIGINT)
-        cell.wait(30)
+        cell.proc.send_signal(signal.SIGINT)
+        cell.proc.wait(30)
     result = next(ln for ln in lines if "episode 1:" in ln)
     assert "success True" in result and "collision False" in result, "\n".join(lines[-20:]) + cmd.output[-3000:]
     assert code == 0 and "[bringup] sim" not in cmd.output and "kortex_bridge" not in cmd.output

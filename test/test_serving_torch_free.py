@@ -10,16 +10,14 @@ blocker, so one that a node swallowed still fails the test.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import wait_until
+from conftest import CollectedProcess, wait_until
 from geometry_msgs.msg import PointStamped
 from sensor_msgs.msg import JointState
 from std_msgs.msg import String
@@ -50,24 +48,13 @@ DENOISER = REPO / "models" / "gen3_teacher" / "denoiser.onnx"
 LOOP_CHUNK = "/teacher_loop/action_chunk"
 
 
-class Node:
+class Node(CollectedProcess):
     """A node module in its own torch-free process; its output collected line by line."""
 
     def __init__(self, module: str, args: list[str], domain: int) -> None:
         self.label = " ".join([module, *(a for a in args if a.startswith("__node"))])
-        env = {**os.environ, "ROS_DOMAIN_ID": str(domain), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
-               "PYTHONUNBUFFERED": "1", "KOOPMAN_CONTROL_ROOT": str(REPO)}
-        self.proc = subprocess.Popen([sys.executable, "-c", PRELUDE, f"koopman_control.nodes.{module}",
-                                      "--ros-args", *args], env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
+        super().__init__([sys.executable, "-c", PRELUDE, f"koopman_control.nodes.{module}", "--ros-args", *args],
+                         domain, KOOPMAN_CONTROL_ROOT=str(REPO))
 
     def stop(self) -> str:
         if self.proc.poll() is None:
@@ -78,7 +65,7 @@ class Node:
                 self.proc.kill()
                 self.proc.wait(5)
         self._reader.join(5)
-        return "\n".join(self.lines)
+        return self.output
 
 
 @pytest.fixture

@@ -65,8 +65,8 @@ def task_topics(task: str) -> list[str]:
 
     contract = resolve_contract(task)
     found = [T.JOINT_STATES, T.ACTION_CHUNK, T.EPISODE, T.EPISODE_RESULT]
-    found += ["/" + f.topic.lstrip("/") for f in (*contract.observation, *contract.action) if f.topic]
-    return list(dict.fromkeys(found))  # the contract names its topics relative; a bag holds absolute names
+    found += [T.in_bag(f.topic) for f in (*contract.observation, *contract.action) if f.topic]
+    return list(dict.fromkeys(found))
 
 
 # -- replay (offline) -----------------------------------------------------------------------------------------------

@@ -336,7 +336,7 @@ def load_run(path: str | Path, contract: Contract | None = None, allow_unsorted:
     features = [f for f in contract.observation if f.kind != "image"]
     jn = tuple(dict.fromkeys(j for f in features for j in f.joints))
     needs_velocity = any(f.kind == "joint_velocity" for f in features)
-    inputs = {f"/{f.topic.lstrip('/')}": f for f in features if f.kind == "vector" and f.topic}
+    inputs = {T.in_bag(f.topic): f for f in features if f.kind == "vector" and f.topic}
     types = {n: t.msgtype for n, t in T.STACK_TOPICS.items()} | {n: f.type for n, f in inputs.items()}
     info = inspect_bag(path)
     _require(info, [T.JOINT_STATES, *inputs], types)

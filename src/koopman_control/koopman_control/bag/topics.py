@@ -16,6 +16,13 @@ if TYPE_CHECKING:
 
 from koopman_control import topics as _t
 
+
+def in_bag(topic: str) -> str:
+    """A topic name as the stack resolves it in the root namespace, as a bag records it (relative names, as
+    :mod:`koopman_control.topics` and contracts give them, get the leading slash)."""
+    return "/" + topic.lstrip("/")
+
+
 JOINT_STATES = f"/{_t.JOINT_STATES}"
 TARGET = f"/{_t.TARGET}"
 PILLAR = f"/{_t.PILLAR}"
