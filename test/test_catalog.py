@@ -95,6 +95,10 @@ def test_one_loader_picks_the_backend_and_the_runtime(tmp_path) -> None:
                                                                   REPO / "models/gen3_teacher/policy.onnx")
     assert isinstance(open_policy("models/gen3_teacher/denoiser.onnx", teacher_steps=3, **cpu).model,
                       OnnxDenoiserLoop)
+    live = open_policy("pusht_teacher", teacher_steps=3, teacher_from_denoiser=True, **cpu)  # as the nodes serve
+    assert isinstance(live.model, OnnxDenoiserLoop) and live.model.num_inference_steps == 3
+    assert live.source == REPO / "models/pusht_teacher/denoiser.onnx"
+    assert open_policy("dkoopman", teacher_from_denoiser=True, **cpu).source.name == "policy.onnx"  # no denoiser
     reference = open_policy("teacher", "auto", **cpu)  # the teacher's own sampler, DDPM-100
     assert reference.backend == "torch" and isinstance(reference.model, DiffusionPolicy)
     for backend in ("auto", "stack", "onnx"):

@@ -189,6 +189,28 @@ def test_visited_histories_are_labelled_by_the_teacher(pipeline, capsys):
     assert "(2, 20)" in capsys.readouterr().err and not (pipeline / "x.h5").exists()
 
 
+def test_fidelity_separates_the_teacher_from_a_noise_blind_student(pipeline, capsys):
+    visited = pipeline / "visited_fidelity.h5"
+    assert main(["visit", "--policy", str(pipeline / "teacher"), "--episodes", "1", "--seed", "9",
+                 "--out", str(visited)]) == 0
+    assert main(["student", "--method", "bc", "--teacher", str(pipeline / "teacher"), "--teacher-data",
+                 str(pipeline / "td.h5"), "--out", str(pipeline / "bc_fidelity"), "--steps", "5", *TINY_STUDENT]) == 0
+    for d in ("teacher", "bc_fidelity"):
+        assert main(["export", "--checkpoint", str(pipeline / d), "--parity-samples", "2"]) == 0
+    out = pipeline / "fidelity.json"
+    assert main(["fidelity", "--teacher", str(pipeline / "teacher"), "--policies",
+                 f"{pipeline / 'teacher'},{pipeline / 'bc_fidelity'}", "--visited", str(visited),
+                 "--observations", "4", "--draws", "3", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["policies"]
+    itself, bc = rows["teacher"], rows["bc_fidelity"]
+    assert itself["paired"] < 1e-9 and abs(itself["spread"] - 1.0) < 1e-6 and itself["teacher_spread"] > 0
+    assert bc["spread"] < 1e-9  # behaviour cloning ignores the noise: one chunk per observation
+    assert bc["paired"] >= bc["teacher_spread"] - 1e-9  # a noise-blind map cannot do better than the mean push
+    assert main(["fidelity", "--teacher", str(pipeline / "teacher"), "--policies", "teacher", "--visited",
+                 str(visited), "--draws", "1", "--json", str(out)]) == 2
+    assert "--draws" in capsys.readouterr().err
+
+
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
     assert main(["teacher", "--data", str(tmp_path / "missing.h5"), "--out", str(tmp_path / "t")]) == 2
     assert "missing.h5" in capsys.readouterr().err

@@ -611,3 +611,37 @@ def test_the_pusht_sim_pushes_exactly_as_the_gym_environment() -> None:
         d.advance(t)
     np.testing.assert_array_equal(np.array(sim_obs), np.array(gym_obs))
     assert d.sequencer.episode_seed_now == seed  # sequential seeds: episode 1 is the gym's seed
+
+
+def test_the_pusht_sim_takes_targets_past_the_walls_as_the_gym_does() -> None:
+    """Targets beyond the table (oneflow aims up to 118 px past it) are accepted and clamped to the table as
+    the evaluation's environment clamps them (the same states); targets beyond the task file's action range
+    are refused."""
+    from koopman_control.core.sim_driver import SimDriver
+    from koopman_control.core.sim_tasks import PushT
+    from koopman_sim.tasks.pusht import PushTEnv
+
+    seed = 1000
+    targets = [np.array(a) for a in ([-100.0, 300.0], [600.0, -60.0], [256.0, 630.0]) for _ in range(8)]
+    env = PushTEnv()
+    obs, _ = env.reset(seed=seed)
+    gym_q = [obs[:2]]
+    for a in targets:
+        obs, *_ = env.step(a)
+        gym_q.append(obs[:2])
+    assert min(q.min() for q in gym_q) < 30 and max(q.max() for q in gym_q) > 470  # it went to the walls
+    d = SimDriver(PushT(), seed=seed, sequential_seeds=True)
+    d.schedule_reset(T0)
+    sim_q: list[np.ndarray] = []
+    t = T0
+    while len(sim_q) < len(gym_q):
+        t += 10 * MS
+        st = d.sample(t)
+        if d.sequencer.phase in (Phase.WAITING, Phase.RUNNING) and (t - d.sequencer.start_ns) % (100 * MS) == 0:
+            sim_q.append(st.q.astype(np.float32))
+            if len(sim_q) < len(gym_q):
+                assert d.submit(ActionChunk.from_offsets(t, [0.0], targets[len(sim_q) - 1][None], 1), t)[0]
+        d.advance(t)
+    np.testing.assert_array_equal(np.array(sim_q), np.array(gym_q))
+    ok, why = d.submit(ActionChunk.from_offsets(t, [0.0], np.array([[-200.0, 300.0]]), 1), t)
+    assert not ok and "out of limits" in why

@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "student": "distil the teacher into a one-step student",
     "eval": "evaluate policies in closed loop and against the teacher",
     "export": "export a checkpoint to ONNX and check parity with PyTorch",
+    "fidelity": "how closely students reproduce the teacher's noise-to-chunk map",
     "bench": "batch-1 latency (p50/p99) of the ONNX students and the teacher",
     "table": "join eval and bench results of every task into one table",
     "bag-to-dataset": "convert recorded bags into a demonstration dataset (HDF5)",

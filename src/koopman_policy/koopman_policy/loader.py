@@ -5,7 +5,8 @@ Serving (the policy and teacher nodes), evaluation (``koopman_distill.runners``)
 
 * ``onnx``: its ONNX export through ONNX Runtime, with the runtime the file's metadata ``kind`` names
   (:func:`koopman_policy.onnx_policy.load_onnx`): the one-step ``policy.onnx``, or when a teacher has only its
-  ``denoiser.onnx``, the numpy DDIM loop over it. The file's sha256 is checked against the model card. No torch.
+  ``denoiser.onnx`` (or ``teacher_from_denoiser`` asks for it), the numpy DDIM loop over it. The file's sha256
+  is checked against the model card. No torch.
 * ``torch``: the checkpoint, rebuilt in PyTorch (torch is imported then, and only then).
 * ``auto``: the ONNX export when there is one, else the checkpoint; except that a diffusion teacher with its
   checkpoint runs the checkpoint's own sampler (the evaluation's reference, DDPM-100), where its export is
@@ -43,9 +44,10 @@ class LoadedPolicy:
         return self.entry.name
 
 
-def _exported(entry: PolicyEntry) -> tuple[Path, str] | None:
-    """The file the ONNX backend serves and its catalogue field: the one-step export, else a denoiser."""
-    for field in ("onnx", "onnx_denoiser"):
+def _exported(entry: PolicyEntry, denoiser_first: bool = False) -> tuple[Path, str] | None:
+    """The file the ONNX backend serves and its catalogue field: the one-step export, else a denoiser (the
+    other way round with ``denoiser_first``)."""
+    for field in ("onnx_denoiser", "onnx") if denoiser_first else ("onnx", "onnx_denoiser"):
         path = getattr(entry, field)
         if path is not None and path.is_file():
             return path, field
@@ -61,18 +63,22 @@ def open_policy(
     intra_op_threads: int = 1,
     seed: int = 0,
     teacher_steps: int = 10,
+    teacher_from_denoiser: bool = False,
 ) -> LoadedPolicy:
     """Resolve a catalogue name (None: the default), checkpoint directory or ``.onnx`` file once and open it.
 
     ``providers``, ``intra_op_threads`` and ``seed`` (the runtime's own noise) go to ONNX Runtime;
-    ``teacher_steps`` is the DDIM step count of a teacher served from its denoiser. Raises the catalogue's
+    ``teacher_steps`` is the DDIM step count of a teacher served from its denoiser; ``teacher_from_denoiser``
+    serves a teacher that has one from it even where an unrolled sampler graph exists (the live stack: the
+    denoiser opens in about a second and takes any step count, where Push-T's unrolled DDIM-30 graph took 60 s
+    to open on this 2-core machine). Raises the catalogue's
     UnknownPolicyError or CatalogError, ModelLoadError for an ONNX file that is missing or cannot be served,
     FileNotFoundError for a checkpoint that is not there.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     entry = resolve_policy(name_or_path, root=root)
-    exported = _exported(entry)
+    exported = _exported(entry, teacher_from_denoiser)
     checkpoint = entry.checkpoint if entry.checkpoint is not None and (entry.checkpoint / CONFIG).is_file() else None
     if backend == "auto":
         reference = entry.method in DIFFUSION_TEACHERS and checkpoint is not None

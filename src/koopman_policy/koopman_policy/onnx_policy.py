@@ -59,8 +59,7 @@ log = logging.getLogger(__name__)
 
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _MIN_RANGE = 1e-4  # as koopman_policy.normalizer
-# Providers that failed to initialise in this process (missing libraries or device): probing them again for
-# every file only repeats onnxruntime's error output, so later loads skip them with the remembered reason.
+# Each provider's probe in this process (``_probe_provider``): why it cannot run, "" when it can.
 _UNUSABLE_PROVIDERS: dict[str, str] = {}
 #: The graph inputs each kind of file may have.
 _INPUTS = {"policy": (POLICY_INPUTS, IMAGE_POLICY_INPUTS), "denoiser": (DENOISER_INPUTS,)}
@@ -202,6 +201,33 @@ def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
     return opts
 
 
+def _probe_provider(provider: str) -> str | None:
+    """Why ``provider`` cannot run anything in this process (None: it can), found once on a one-node graph.
+
+    A GPU build lists its providers whether or not a device and its libraries are there; finding that out on
+    the policy itself opened it once per unusable provider (the Push-T teacher's unrolled DDIM-30 graph takes
+    about a minute per opening on two cores).
+    """
+    if provider not in _UNUSABLE_PROVIDERS:
+        from onnx import TensorProto, helper  # protobuf only; no torch
+
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        try:
+            active = ort.InferenceSession(model.SerializeToString(), opts,
+                                          providers=[provider, "CPUExecutionProvider"]).get_providers()[0]
+            _UNUSABLE_PROVIDERS[provider] = "" if active == provider else (
+                f"{provider}: listed but could not be initialised (no device or missing libraries)")
+        except Exception as err:  # ORT raises its own exception types
+            _UNUSABLE_PROVIDERS[provider] = f"{provider}: could not be initialised: {str(err).splitlines()[0]}"
+    return _UNUSABLE_PROVIDERS[provider] or None
+
+
 def create_session(
     path: Path, providers: list[str] | tuple[str, ...] | None, opts: ort.SessionOptions
 ) -> tuple[ort.InferenceSession, str, list[str]]:
@@ -219,8 +245,8 @@ def create_session(
         if provider not in available:
             reasons.append(f"{provider}: not in this onnxruntime build ({', '.join(available)})")
             continue
-        if provider in _UNUSABLE_PROVIDERS:
-            reasons.append(_UNUSABLE_PROVIDERS[provider])
+        if provider != "CPUExecutionProvider" and (reason := _probe_provider(provider)):
+            reasons.append(reason)
             continue
         chain = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
         try:
@@ -232,9 +258,7 @@ def create_session(
             continue
         active = session.get_providers()[0]
         if active != provider:
-            reason = f"{provider}: listed but could not be initialised (no device or missing libraries)"
-            _UNUSABLE_PROVIDERS[provider] = reason
-            reasons.append(reason)
+            reasons.append(f"{provider}: could not run this model")
             continue
         for reason in reasons:
             log.info("%s: skipped %s", path.name, reason)

@@ -46,7 +46,8 @@ def load_model(name_or_path: str | None, *, root: str | Path | None = None, intr
     """Resolve a catalogue name or path and open its ONNX export; returns (model, name, file).
 
     ``koopman_policy.loader.open_policy`` resolves the name once and picks the runtime from the file's metadata
-    (a one-step policy, state or camera, or a teacher's denoiser in a numpy DDIM-``teacher_steps`` loop); no torch
+    (a one-step policy, state or camera; a teacher always from its denoiser, in a numpy DDIM-``teacher_steps``
+    loop, where it has one); no torch
     is imported. ``providers`` defaults to OnnxPolicy's preference order; the nodes pass CPU only by default,
     because for these small graphs a GPU's launch and copy overhead costs more than the compute it saves.
     """
@@ -54,7 +55,8 @@ def load_model(name_or_path: str | None, *, root: str | Path | None = None, intr
 
     try:
         loaded = open_policy(name_or_path or None, "onnx", root=root, providers=providers,
-                             intra_op_threads=intra_op_threads, seed=seed, teacher_steps=teacher_steps)
+                             intra_op_threads=intra_op_threads, seed=seed, teacher_steps=teacher_steps,
+                             teacher_from_denoiser=True)
     except (ValueError, RuntimeError, OSError) as err:  # catalogue and ModelLoadError; ORT raises RuntimeErrors
         raise PolicyLoadError(str(err)) from None
     return loaded.model, loaded.name, str(loaded.source)

@@ -133,10 +133,15 @@ class PushT(SimTask):
         self._block_start: np.ndarray | None = None
 
     def own_checks(self) -> CommandChecks:
-        # The table's extent, and any start on it: gym-pusht takes any target, and the scripted demonstrations'
-        # targets lead the pusher by up to 343 px (p99 122 px) when it moves to a new contact.
-        return CommandChecks(np.zeros(2), np.full(2, 512.0), watchdog_timeout=0.15,
-                             max_start_deviation=512.0 * np.sqrt(2.0), max_chunk_age=0.1, interpolation="zoh")
+        # The targets the task file's action accepts (past the table's walls, as gym-pusht takes them; set_target
+        # clamps them to the table), and any start within them: the scripted demonstrations' targets lead the
+        # pusher by up to 343 px (p99 122 px) when it moves to a new contact.
+        from koopman_control.contracts import resolve_contract
+
+        (action,) = resolve_contract(self.name).action
+        lower, upper = np.array(action.limits.lower), np.array(action.limits.upper)
+        return CommandChecks(lower, upper, watchdog_timeout=0.15, max_start_deviation=float(np.linalg.norm(
+            upper - lower)), max_chunk_age=0.1, interpolation="zoh")
 
     def reset(self, seed: int) -> dict[str, np.ndarray]:
         self.env.reset(seed=int(seed))
@@ -154,7 +159,10 @@ class PushT(SimTask):
         return {"block": np.array([b.position[0], b.position[1], b.angle], dtype=np.float64)}
 
     def set_target(self, q: np.ndarray) -> None:
-        self._target = np.clip(np.asarray(q, dtype=np.float64), 0.0, 512.0)
+        # Accepted up to the action range, clamped to the table as the evaluation's environment clamps its actions.
+        from koopman_sim.tasks.pusht import TABLE
+
+        self._target = np.clip(np.asarray(q, dtype=np.float64), *TABLE)
 
     def step(self) -> None:
         from pymunk import Vec2d

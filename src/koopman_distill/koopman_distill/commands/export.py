@@ -18,6 +18,7 @@ import gen3_description as gen3
 from koopman_distill.cli import COMMANDS, UserError
 from koopman_distill.contracts import checkpoint_contract
 from koopman_policy.checkpoint import CONFIG, WEIGHTS, read_config
+from koopman_policy.contract import Contract
 from koopman_policy.onnx_export import DEFAULT_TEACHER_STEPS, OPSET, PARITY_TOL, ExportResult, export_checkpoint
 
 
@@ -55,14 +56,18 @@ def _record_in_card(directory: Path, result: ExportResult) -> None:
     card_path.write_text(json.dumps(card, indent=2) + "\n")
 
 
-def robot_limits(directory: Path) -> dict[str, list[float]]:
-    """The Gen3's joint limits as the action limits, when the policy commands the Gen3's joints.
+def action_limits(directory: Path, contract: Contract) -> dict[str, list[float]]:
+    """The targets the robot accepts, as the export's action limits (the controller refuses chunks beyond them).
 
-    The controller refuses chunks outside the file's action limits. Without the robot's limits they
-    default to the range seen in training, which a sound chunk can leave by a little (measured: a dkoopman
-    chunk with joint_2 at 0.378 rad against the demonstrations' minimum of 0.395 sent the controller into
-    its fallback).
+    The contract's, where its action features give ``limits`` (Push-T's pusher takes targets past the table's
+    walls); else the Gen3's joint limits when the policy commands the Gen3's joints; else nothing, and the
+    export falls back to the range seen in training, which a sound chunk can leave by a little (measured: a
+    dkoopman chunk with joint_2 at 0.378 rad against the demonstrations' minimum of 0.395 sent the controller
+    into its fallback).
     """
+    if contract.action and all(f.limits is not None for f in contract.action):
+        return {"action_limit_low": [x for f in contract.action for x in f.limits.lower],
+                "action_limit_high": [x for f in contract.action for x in f.limits.upper]}
     names = read_config(directory)["config"].get("action_names") or []
     if list(names) != list(gen3.JOINT_NAMES):
         return {}
@@ -79,10 +84,10 @@ def run(args: argparse.Namespace) -> int:
     if args.parity_samples < 0 or args.teacher_steps < 1:
         raise UserError("--parity-samples must be >= 0 and --teacher-steps >= 1")
     meta = read_config(directory)
+    contract = checkpoint_contract(meta["method"], meta["config"])
     result = export_checkpoint(directory, args.out, ood_threshold=args.ood_threshold,
-                               metadata_extra=robot_limits(directory), parity_samples=args.parity_samples,
-                               teacher_steps=args.teacher_steps,
-                               contract=checkpoint_contract(meta["method"], meta["config"]))
+                               metadata_extra=action_limits(directory, contract), parity_samples=args.parity_samples,
+                               teacher_steps=args.teacher_steps, contract=contract)
     _record_in_card(directory, result)
     ok = True
     rows = [(result.policy_path, result.policy_sha256, result.parity)]
