@@ -53,3 +53,24 @@ def test_unet_encoder_trains_every_weight_and_mlp_stays_the_default(method):
         make(method, encoder="transformer")
     with pytest.raises(ValueError, match="down_dims"):
         make(method, encoder="unet", obs_dim=DO, action_dim=DA).init_from_teacher(make("teacher", **UNET))
+
+
+@pytest.mark.parametrize("method", ["kdm", "dkoopman"])
+def test_obs_in_all_conditions_encoders_and_decoder_on_the_observation(method):
+    """``obs_in: all``: the same noise gives different chunks for different observations through the encoders and
+    the decoder too; with the control term and the operator's gains zeroed only those paths remain."""
+    torch.manual_seed(0)
+    fields = {"obs_dim": DO, "action_dim": DA, "hidden_dim": 32, "cond_embed_dim": 8}
+    student = make(method, obs_in="all", **fields).eval()
+    loss = student.compute_loss(batch())
+    loss.backward()
+    assert torch.isfinite(loss) and [n for n, p in student.named_parameters() if p.grad is None] == []
+    torch.nn.init.zeros_(student.control.weight)
+    b = batch()
+    obs_n = student.encode_obs(b["obs"])
+    noise = b["states"][:1, 0].expand(B, H, DA)
+    with torch.no_grad():
+        chunk, ood = student.sample_normalized(obs_n, noise)
+    assert (chunk - chunk[:1]).abs().amax(dim=(1, 2))[1:].min() > 1e-4 and torch.isfinite(ood).all()
+    with pytest.raises(ValueError, match="obs_in must be one of"):
+        make(method, obs_in="film", **fields)
