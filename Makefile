@@ -68,20 +68,31 @@ models-pusht: setup
 	$(VENV)/bin/koopman-sim collect --task pusht --episodes 300 --seed 0 \
 		--out $(DATA)/pusht_demos.h5 --json $(DATA)/pusht_demos.json
 	$(KD) teacher --data $(DATA)/pusht_demos.h5 --out models/pusht_teacher --steps 6000
-	$(KD) export --checkpoint models/pusht_teacher
-	$(KD) visit --policy models/pusht_teacher --backend onnx --task pusht --episodes 200 --seed 5000 \
+	# The DDIM-10 teacher (its unrolled graph, beside the data) meets the states the students also learn at.
+	$(KD) export --checkpoint models/pusht_teacher --teacher-steps 10 --out $(DATA)/pusht_teacher_ddim10.onnx
+	$(KD) visit --policy $(DATA)/pusht_teacher_ddim10.onnx --backend onnx --task pusht --episodes 200 --seed 5000 \
 		--out $(DATA)/pusht_visited_teacher.h5
 	$(KD) teacher-data --teacher models/pusht_teacher --data $(DATA)/pusht_demos.h5 \
 		--visited $(DATA)/pusht_visited_teacher.h5 --out $(DATA)/pusht_teacher_data.h5 --steps 30 --draws 2
-	for m in kdm dkoopman cd bc; do $(PUSHT_STUDENT) --method $$m --out models/pusht_$$m --steps 8000 || exit 1; done
+	# The Koopman students read the observation in their encoders and head and train without latent noise
+	# (students/kdm.py, docs/experiments.md "Koopman students on Push-T").
+	for m in kdm dkoopman; do $(PUSHT_STUDENT) --method $$m --set obs_in=all --set latent_noise=0 \
+		--out models/pusht_$$m --steps 8000 || exit 1; done
+	for m in cd bc; do $(PUSHT_STUDENT) --method $$m --out models/pusht_$$m --steps 8000 || exit 1; done
 	$(KD) student $(PUSHT_TEACHER_DATA) --method oneflow --out $(DATA)/pusht_oneflow_base --steps 16000 \
 		--set backbone=unet --set terminal_loss_weight=4
 	$(KD) student $(PUSHT_TEACHER_DATA) --method oneflow --init $(DATA)/pusht_oneflow_base --out models/pusht_oneflow \
 		--steps 6000 --lr 3e-4 --set refine_steps=2
 	$(KD) export --checkpoint models/pusht_teacher --teacher-steps 30
 	for m in $(STUDENTS); do $(KD) export --checkpoint models/pusht_$$m || exit 1; done
-	$(KD) eval --task pusht --policies pusht_teacher,pusht_kdm,pusht_dkoopman,pusht_oneflow,pusht_cd,pusht_bc \
+	$(KD) eval --task pusht --policies pusht_teacher,pusht_kdm,pusht_dkoopman,pusht_oneflow,pusht_cd,pusht_bc,hold,random_target \
 		--episodes 50 --json results/eval_pusht.json --update-cards
+	# How closely each student reproduces the teacher's noise-to-chunk map, at histories of 10 teacher episodes on
+	# seeds 2000-2009 (labelled by no training data).
+	$(KD) visit --policy $(DATA)/pusht_teacher_ddim10.onnx --backend onnx --task pusht --episodes 10 --seed 2000 \
+		--out $(DATA)/pusht_visited_heldout.h5
+	$(KD) fidelity --teacher pusht_teacher --policies pusht_kdm,pusht_dkoopman,pusht_oneflow,pusht_cd,pusht_bc \
+		--visited $(DATA)/pusht_visited_heldout.h5 --json results/fidelity_pusht.json
 	# The DDIM-30 teacher (its unrolled ONNX graph), the sampler whose trajectories the students distil.
 	$(KD) eval --task pusht --policies pusht_teacher --backend onnx --episodes 50 \
 		--json results/eval_pusht_teacher_ddim30.json
