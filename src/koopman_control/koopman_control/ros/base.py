@@ -402,6 +402,9 @@ def run_node(factory: Callable[[], KoopmanNode], args: Sequence[str] | None = No
     spinner: Spinner | None = None
     code = 0
     signal.signal(signal.SIGTERM, _terminate)
+    # A process started in the background of a shell script inherits SIGINT ignored; the launch's Ctrl-C (SIGINT)
+    # must still stop the node, not leave it to the SIGTERM escalation.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with stop_signals_to_main_thread():
             rclpy.init(args=list(args) if args is not None else None,
