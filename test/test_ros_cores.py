@@ -4,6 +4,9 @@ files, the sim driver, and the stack description."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -577,11 +580,30 @@ def test_wrapped_continuous_joints_are_unwrapped_onto_the_training_data() -> Non
     assert o.history[-1, 2] == pytest.approx(3.12)
 
 
+def _drive_pusht(seed: int, ticks: int, act: Callable[[Any, int], np.ndarray | None]) -> tuple[Any, int]:
+    """Push-T in the sim node's driver for ``ticks`` control periods: ``act(sample, k)`` at the k-th gives the
+    one-point chunk sent then (None: nothing). Returns the driver and the time of the last tick."""
+    from koopman_control.core.sim_driver import SimDriver
+    from koopman_control.core.sim_tasks import PushT
+
+    d = SimDriver(PushT(), seed=seed, sequential_seeds=True)
+    d.schedule_reset(T0)
+    t, k = T0, 0
+    while k < ticks:
+        t += 10 * MS
+        st = d.sample(t)
+        if d.sequencer.phase in (Phase.WAITING, Phase.RUNNING) and (t - d.sequencer.start_ns) % (100 * MS) == 0:
+            target = act(st, k)
+            k += 1
+            if target is not None:
+                assert d.submit(ActionChunk.from_offsets(t, [0.0], target[None], 1), t)[0]
+        d.advance(t)
+    return d, t
+
+
 def test_the_pusht_sim_pushes_exactly_as_the_gym_environment() -> None:
     """Push-T in the sim node's driver, a one-point chunk per control period from the scripted pusher, goes
     through the same states as gym-pusht's ``env.step`` for the same seed: the stack's Push-T is the benchmark."""
-    from koopman_control.core.sim_driver import SimDriver
-    from koopman_control.core.sim_tasks import PushT
     from koopman_sim.pusht_expert import PushTExpert
     from koopman_sim.tasks.pusht import PushTEnv, wrap_angle
 
@@ -593,22 +615,18 @@ def test_the_pusht_sim_pushes_exactly_as_the_gym_environment() -> None:
     for _ in range(40):
         obs, *_ = env.step(expert.act(obs))
         gym_obs.append(obs)
-    d = SimDriver(PushT(), seed=seed, sequential_seeds=True)
-    d.schedule_reset(T0)
     expert = PushTExpert()
     sim_obs: list[np.ndarray] = []
-    t = T0
-    while len(sim_obs) < len(gym_obs):
-        t += 10 * MS
-        st = d.sample(t)
-        if d.sequencer.phase in (Phase.WAITING, Phase.RUNNING) and (t - d.sequencer.start_ns) % (100 * MS) == 0:
-            b = st.streams["block"]
-            o = np.array([*st.q, b[0], b[1], wrap_angle(b[2] % (2 * np.pi))], dtype=np.float32)
-            if not sim_obs:
-                expert.reset(o, np.random.default_rng(0))
-            sim_obs.append(o)
-            assert d.submit(ActionChunk.from_offsets(t, [0.0], expert.act(o)[None], 1), t)[0]
-        d.advance(t)
+
+    def act(st: Any, k: int) -> np.ndarray:
+        b = st.streams["block"]
+        o = np.array([*st.q, b[0], b[1], wrap_angle(b[2] % (2 * np.pi))], dtype=np.float32)
+        if k == 0:
+            expert.reset(o, np.random.default_rng(0))
+        sim_obs.append(o)
+        return expert.act(o)
+
+    d, _ = _drive_pusht(seed, len(gym_obs), act)
     np.testing.assert_array_equal(np.array(sim_obs), np.array(gym_obs))
     assert d.sequencer.episode_seed_now == seed  # sequential seeds: episode 1 is the gym's seed
 
@@ -617,8 +635,6 @@ def test_the_pusht_sim_takes_targets_past_the_walls_as_the_gym_does() -> None:
     """Targets beyond the table (oneflow aims up to 118 px past it) are accepted and clamped to the table as
     the evaluation's environment clamps them (the same states); targets beyond the task file's action range
     are refused."""
-    from koopman_control.core.sim_driver import SimDriver
-    from koopman_control.core.sim_tasks import PushT
     from koopman_sim.tasks.pusht import PushTEnv
 
     seed = 1000
@@ -630,18 +646,13 @@ def test_the_pusht_sim_takes_targets_past_the_walls_as_the_gym_does() -> None:
         obs, *_ = env.step(a)
         gym_q.append(obs[:2])
     assert min(q.min() for q in gym_q) < 30 and max(q.max() for q in gym_q) > 470  # it went to the walls
-    d = SimDriver(PushT(), seed=seed, sequential_seeds=True)
-    d.schedule_reset(T0)
     sim_q: list[np.ndarray] = []
-    t = T0
-    while len(sim_q) < len(gym_q):
-        t += 10 * MS
-        st = d.sample(t)
-        if d.sequencer.phase in (Phase.WAITING, Phase.RUNNING) and (t - d.sequencer.start_ns) % (100 * MS) == 0:
-            sim_q.append(st.q.astype(np.float32))
-            if len(sim_q) < len(gym_q):
-                assert d.submit(ActionChunk.from_offsets(t, [0.0], targets[len(sim_q) - 1][None], 1), t)[0]
-        d.advance(t)
+
+    def act(st: Any, k: int) -> np.ndarray | None:
+        sim_q.append(st.q.astype(np.float32))
+        return targets[k] if k < len(targets) else None
+
+    d, t = _drive_pusht(seed, len(gym_q), act)
     np.testing.assert_array_equal(np.array(sim_q), np.array(gym_q))
     ok, why = d.submit(ActionChunk.from_offsets(t, [0.0], np.array([[-200.0, 300.0]]), 1), t)
     assert not ok and "out of limits" in why
