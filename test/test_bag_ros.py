@@ -180,8 +180,9 @@ def test_replay_live_plays_bag_into_stack(tmp_path: Path, bc_model: str, capsys)
     live, summary_json = tmp_path / "live", tmp_path / "live.json"
     code = bag_main(["replay-live", str(src), "--policy", bc_model, "--no-teacher-fallback", "--record", str(live),
                      "--domain-id", str(domain()), "--timeout", "60", "--json", str(summary_json)])
-    out = capsys.readouterr().out
-    assert code == 0, out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert code == 0, out + captured.err[-3000:]
     assert f"wrote {summary_json}" in out
     summary = json.loads(summary_json.read_text())
     pl = summary["player"]

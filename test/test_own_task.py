@@ -54,7 +54,7 @@ def test_record_convert_train_export_and_serve_a_task_of_your_own(tmp_path: Path
 
     # 1. Demonstrations through the topics: the sim and the ingest run; the scripted expert answers every
     #    observation with its plan on policy/action_chunk, as a teleoperator or another controller would.
-    domain = session_domain_id() + 130
+    domain = session_domain_id(130)
     p = participant("demonstrator", domain)
     results = p.record(topics.EPISODE_RESULT, String, qos.EVENTS)
     p.demonstrate_with_expert()

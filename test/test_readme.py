@@ -72,7 +72,7 @@ def test_the_readme_is_a_guide_with_its_commands_first() -> None:
 def test_runnable_blocks_run_as_written(section: str, tmp_path: Path) -> None:
     lines = next(lines for s, lines in blocks() if s == section)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "ROS_DOMAIN_ID": str(session_domain_id() + 140 + RUN_HERE.index(section))}
+           "ROS_DOMAIN_ID": str(session_domain_id(140 + RUN_HERE.index(section)))}
     script = "set -euo pipefail\n" + "\n".join(lines) + "\n"
     r = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"{section}: exit {r.returncode}\n{script}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"

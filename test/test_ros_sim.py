@@ -193,7 +193,7 @@ def test_closed_loop_expert_through_topics_reaches_target(contexts, participant)
     from koopman_control.stack import StackArgs, build_stack
     from koopman_control.testing import session_domain_id
 
-    domain = session_domain_id() + 110  # a domain of its own: no other test's sim publishes there
+    domain = session_domain_id(110)  # a domain of its own: no other test's sim publishes there
     specs = [s for s in build_stack(StackArgs(teacher_fallback=False), overrides={"sim": {"seed": 21}})
              if s.name in ("sim", "state_ingest")]
     p = participant("expert_probe", domain)

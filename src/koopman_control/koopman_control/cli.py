@@ -253,6 +253,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
 def cmd_bringup(ns: argparse.Namespace, bench: bool = False) -> int:
     from koopman_control.bringup import TARGETS, meets_targets
+    from koopman_control.ros.base import executor_kind
 
     t0 = time.monotonic()
     run = Running(ns)
@@ -261,7 +262,8 @@ def cmd_bringup(ns: argparse.Namespace, bench: bool = False) -> int:
     m, code = _supervise(run, ns.duration, warmup=ns.warmup)
     m = {"duration_s": round(time.monotonic() - t0 - ns.warmup, 3), "warmup_s": ns.warmup,
          "startup_s": round(startup_s, 3), "layout": "processes" if ns.processes else "in-process",
-         "robot": ns.robot or ("sim" if ns.use_sim else "kortex"), "policy_rate_hz": ns.policy_rate, **m}
+         "executor": executor_kind(), "robot": ns.robot or ("sim" if ns.use_sim else "kortex"),
+         "policy_rate_hz": ns.policy_rate, **m}
     if bench:
         m["targets"] = TARGETS
         m["meets_targets"] = meets_targets(m)
@@ -316,7 +318,9 @@ def cmd_fault_run(ns: argparse.Namespace) -> int:
     late = [f["fault"] for f in faults if f.get("stopped_after_ms") is not None
             and f["stopped_after_ms"] > 1e3 * ns.hold_within]
     unseen = [f["fault"] for f in faults if not f.get("on_diagnostics")]
-    out = {"duration_s": ns.duration, "period_s": ns.period, **summary, **report,
+    from koopman_control.ros.base import executor_kind
+
+    out = {"duration_s": ns.duration, "period_s": ns.period, "executor": executor_kind(), **summary, **report,
            "checks": {"crashed": crashed, "stopped_late": late, "not_on_diagnostics": unseen,
                       "early_collisions": summary.get("early_collisions")}}
     _write_json(ns.json, out)

@@ -209,16 +209,16 @@ def _one_fault(stack: Any, kind: str, domain_id: int | None, robot: str) -> dict
         start = time.time_ns()
         code = stack.kill("teacher")
         return {"fault": kind, "start_ns": start, "end_ns": time.time_ns(), "exit_code": code}
+    # A fault the arm must stop for starts while the arm follows a plan: between episodes it already holds,
+    # there is nothing to stop, and the next stop (the next reset, 260 ms later once) would be timed instead.
+    tracking = _wait_tracking(stack, robot, 5.0) if kind in MUST_HOLD else None
     if kind == "kill-policy":
-        # Killed while the arm follows its plan, the case that needs the watchdog: between episodes the arm
-        # already holds and there is nothing to stop.
-        _wait_tracking(stack, robot, 5.0)
         start = time.time_ns()
         code = stack.kill("policy")
         t_dead = time.time_ns()
         stack.restart("policy")
         stack.wait_ready(120.0)
-        return {"fault": kind, "start_ns": start, "end_ns": t_dead, "exit_code": code,
+        return {"fault": kind, "start_ns": start, "end_ns": t_dead, "exit_code": code, "tracking_at_start": tracking,
                 "restarted_after_s": round((time.time_ns() - t_dead) / 1e9, 2)}
     cmd = [sys.executable, "-m", "koopman_control.cli", "inject-fault", kind, "--duration", "1.0"]
     if domain_id is not None:
@@ -227,7 +227,10 @@ def _one_fault(stack: Any, kind: str, domain_id: int | None, robot: str) -> dict
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
     if res.returncode != 0 or not lines:
         return {"fault": kind, "error": f"inject-fault exited {res.returncode}: {res.stderr[-500:]}"}
-    return json.loads(lines[-1])
+    rec = json.loads(lines[-1])
+    if tracking is not None:
+        rec["tracking_at_start"] = tracking
+    return rec
 
 
 def _wait_tracking(stack: Any, robot: str, timeout: float) -> bool:

@@ -111,12 +111,13 @@ def inject_fault(src: str | Path, dst: str | Path, feature: int, threshold: floa
 
 
 # -- ROS test helpers ----------------------------------------------------------------------------------------
-def session_domain_id() -> int:
-    """A ROS_DOMAIN_ID unique to this process (tests in parallel sessions do not cross-talk). FastDDS maps
-    domain ids to UDP ports; 1..101 stay clear of ROS's default 0 and of the port range's upper end."""
+def session_domain_id(offset: int = 0) -> int:
+    """A ROS_DOMAIN_ID unique to this process and ``offset`` (tests in parallel sessions, and the tests of one
+    session that need a domain of their own, do not cross-talk). FastDDS maps domain ids to UDP ports; ids stay
+    in 1..101, clear of ROS's default 0 and of the port range's upper end (ids above 232 do not open at all)."""
     import os
 
-    return 1 + os.getpid() % 101
+    return 1 + (os.getpid() + offset) % 101
 
 
 def ros_context(domain_id: int | None = None) -> Any:

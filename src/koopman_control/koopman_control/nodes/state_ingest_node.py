@@ -69,8 +69,8 @@ class StateIngestNode(KoopmanNode):
         self.obs_names = list(self.builder.names)
         self.obs_pub = self.create_publisher(JointTrajectory, topics.OBSERVATION, qos.CONTROL)
         # Episode and input subscriptions are created before joint_states: when several are ready in one
-        # wait, the executor serves them first. (Correctness does not depend on it: samples and inputs are
-        # assigned to episodes by their stamps.)
+        # wait, the Python executor serves them first (the EventsExecutor serves in arrival order).
+        # Correctness does not depend on it: samples and inputs are assigned to episodes by their stamps.
         self.create_subscription(Header, topics.EPISODE, self._on_episode, qos.LATCHED)
         for f in features:
             if f.kind == "vector" and f.topic is not None:
