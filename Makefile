@@ -53,6 +53,9 @@ models: setup
 	for m in kdm dkoopman; do $(KD) export --checkpoint models/gen3_$$m --ood-threshold 0.03 || exit 1; done
 	$(KD) eval --policies teacher,teacher_ddim10,$(shell echo $(STUDENTS) | tr ' ' ',') --episodes 100 \
 		--json results/eval_gen3.json --update-cards
+	# Per start state, 32 noise draws each: the fraction of each side of the pillar, against the teacher's.
+	$(KD) eval --policies teacher,dkoopman,oneflow,kdm --episodes 20 --mode-states 40 --mode-draws 32 \
+		--json results/modes_gen3.json
 	$(KD) bench --task gen3_reach_obstacle --json results/bench_gen3.json
 
 # Push-T (gym-pusht, state observations): the same teacher and students, trained on the scripted pusher's
@@ -93,6 +96,9 @@ models-pusht: setup
 		--out $(DATA)/pusht_visited_heldout.h5
 	$(KD) fidelity --teacher pusht_teacher --policies pusht_kdm,pusht_dkoopman,pusht_oneflow,pusht_cd,pusht_bc \
 		--visited $(DATA)/pusht_visited_heldout.h5 --json results/fidelity_pusht.json
+	# Per start state, 32 noise draws each: the face of the T the pusher touches first, against the teacher's.
+	$(KD) eval --task pusht --policies pusht_dkoopman,pusht_oneflow,pusht_kdm --episodes 1 --mode-states 16 \
+		--mode-draws 32 --json results/modes_pusht.json
 	# The DDIM-30 teacher (its unrolled ONNX graph), the sampler whose trajectories the students distil.
 	$(KD) eval --task pusht --policies pusht_teacher --backend onnx --episodes 50 \
 		--json results/eval_pusht_teacher_ddim30.json

@@ -17,6 +17,8 @@ import torch
 
 from koopman_distill.cli import main
 from koopman_distill.data import file_sha256, read_teacher_data
+from koopman_distill.evaluate import rollout
+from koopman_distill.runners import load_runner
 from koopman_policy.checkpoint import load_policy
 from koopman_policy.registry import STUDENT_METHODS
 from koopman_sim.collect import collect
@@ -163,6 +165,27 @@ def test_eval_writes_json_table_and_plot(pipeline):
     assert r["latency_ms"]["p50"] <= r["latency_ms"]["p99"]
     assert out.with_suffix(".md").read_text().startswith("| policy")
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_noise_scale_multiplies_the_noise_the_policy_is_given(pipeline, capsys):
+    runner = load_runner(str(pipeline / "teacher"), "torch")
+    predict = runner.predict_action
+    seen: dict[float, list[np.ndarray]] = {1.0: [], 2.5: []}
+    for scale, noises in seen.items():
+        runner.predict_action = lambda *x, noises=noises: noises.append(x[-1].copy()) or predict(*x)
+        rollout(runner, 1, 1000, progress=False, noise_scale=scale)
+    assert len(seen[1.0]) == len(seen[2.5]) > 0
+    np.testing.assert_allclose(seen[2.5][0], 2.5 * seen[1.0][0], rtol=1e-6)
+    out = pipeline / "eval_scaled" / "results.json"
+    args = ["eval", "--policies", str(pipeline / "teacher"), "--teacher", str(pipeline / "teacher"), "--episodes", "1",
+            "--mmd-obs", "3", "--mmd-draws", "4", "--json", str(out)]
+    assert main([*args, "--noise-scale", "1.5"]) == 0
+    ((_, r),) = json.loads(out.read_text()).items()
+    assert r["noise_scale"] == 1.5
+    assert main([*args, "--noise-scale", "0"]) == 2
+    assert "--noise-scale must be positive, got 0.0" in capsys.readouterr().err
+    assert main([*args, "--noise-scale", "1.5", "--update-cards"]) == 2
+    assert "--update-cards records a model's own evaluation" in capsys.readouterr().err
 
 
 def test_visited_histories_are_labelled_by_the_teacher(pipeline, capsys):

@@ -39,6 +39,7 @@ of both estimates removed (``mode_summary``).
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -214,8 +215,12 @@ def render(env: Any, runner: Runner, stats: RolloutStats | None = None) -> np.nd
 
 
 def rollout(runner: Runner, episodes: int, seed: int, task: str = "gen3_reach_obstacle",
-            progress: bool = True, noise_per: str | None = None, keep_histories: bool = False) -> RolloutStats:
+            progress: bool = True, noise_per: str | None = None, keep_histories: bool = False,
+            noise_scale: float = 1.0) -> RolloutStats:
     """Closed-loop episodes; ``noise_per`` ('episode' or 'decision') defaults to the task's ``NOISE``.
+
+    ``noise_scale`` multiplies every noise draw the policy is given (a sampling temperature): a diagnosis of
+    how much a student's closed loop depends on the spread of its chunks.
 
     ``keep_histories`` stores the observation history (the runner's columns) before every control step in
     ``stats.histories`` (not only at decisions: a policy that replans on another phase is queried there).
@@ -224,6 +229,8 @@ def rollout(runner: Runner, episodes: int, seed: int, task: str = "gen3_reach_ob
     noise_per = noise_per or NOISE.get(task, "episode")
     if noise_per not in ("episode", "decision"):
         raise ValueError(f"noise_per must be 'episode' or 'decision', got {noise_per!r}")
+    if not (math.isfinite(noise_scale) and noise_scale > 0):
+        raise ValueError(f"noise_scale must be a positive number, got {noise_scale!r}")
     stats = RolloutStats(task=task)
     start = runner.n_obs_steps - 1
     shape = (runner.horizon, runner.action_dim)
@@ -242,7 +249,7 @@ def rollout(runner: Runner, episodes: int, seed: int, task: str = "gen3_reach_ob
             if frames is not None:
                 observation = (np.stack(frames), *observation)
             t0 = time.perf_counter()
-            chunk = runner.predict_action(*observation, noise)
+            chunk = runner.predict_action(*observation, noise * np.float32(noise_scale))
             stats.latencies_ms.append((time.perf_counter() - t0) * 1e3)
             if noise_per == "decision":
                 noise = rng.standard_normal(shape).astype(np.float32)

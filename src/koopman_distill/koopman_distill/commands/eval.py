@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--noise-per", choices=("episode", "decision"), default=None,
                    help="hold each episode's noise or redraw it per decision (default: the task's convention, "
                         "see koopman_distill.evaluate)")
+    p.add_argument("--noise-scale", type=float, default=1.0,
+                   help="multiply every noise draw the policies are given (a sampling temperature, for diagnosis; "
+                        "default 1)")
     p.add_argument("--update-cards", action="store_true",
                    help="record each policy's results in its model card under 'evaluation'")
     p.add_argument("--mode-states", type=int, default=0,
@@ -216,6 +219,11 @@ def run(args: argparse.Namespace) -> int:
     koopman_sim.check_task(args.task)
     if args.mode_states < 0 or args.mode_draws < 2:
         raise ValueError("--mode-states must be >= 0 and --mode-draws at least 2")
+    if not args.noise_scale > 0:
+        raise ValueError(f"--noise-scale must be positive, got {args.noise_scale}")
+    if args.noise_scale != 1.0 and args.update_cards:
+        raise ValueError(f"--update-cards records a model's own evaluation, not one at --noise-scale "
+                         f"{args.noise_scale}")
     teacher_name = args.teacher or DEFAULT_TEACHER[args.task]
     loaded = {n: load_runner(n, args.backend) for n in names if n not in REFERENCES}
     # The MMD reference needs the PyTorch teacher, also when the teacher itself is evaluated through ONNX.
@@ -229,7 +237,8 @@ def run(args: argparse.Namespace) -> int:
     reference = teacher_reference(teacher, obs, args.mmd_draws, args.seed)
     results, stats = {}, {}
     for name, runner in runners.items():
-        stats[name] = rollout(runner, args.episodes, args.seed, task=args.task, noise_per=args.noise_per)
+        stats[name] = rollout(runner, args.episodes, args.seed, task=args.task, noise_per=args.noise_per,
+                              noise_scale=args.noise_scale)
         camera = {"camera": runner.camera, "image_size": list(runner.image_size)} if runner.image_size else {}
         results[name] = {
             "task": args.task,
@@ -238,6 +247,7 @@ def run(args: argparse.Namespace) -> int:
             "inputs": "image" if runner.image_size else "state",
             **camera,
             "sampler": runner.sampler,
+            **({"noise_scale": args.noise_scale} if args.noise_scale != 1.0 else {}),
             **stats[name].summary(),
             "mmd_to_teacher": None if runner.image_size else mmd_to_teacher(runner, teacher, obs, reference,
                                                                             args.seed + 1),

@@ -31,7 +31,9 @@ to its output block, read at the last and the first diffusion step and started f
 is that output block; the latent is its (channels x horizon) feature map; the operator (here and in dkoopman)
 starts at the identity with no control term, so the untrained student is the teacher's network called once,
 the start that made oneflow work on Push-T. The latent residual would need a second U-Net call, so this
-variant reports no OOD score. Its Push-T figures are not measured yet.
+variant reports no OOD score. Measured on Push-T (dkoopman, σ = 0, 6000 steps): paired error to the teacher
+0.030 on held-out histories (the MLP students' 0.059, oneflow's 0.038), but mean max coverage 0.493 on the
+choice seeds 2000-2049 and 1.59 ms per decision on one core, over the 1 ms budget: not the shipped choice.
 """
 
 from __future__ import annotations
