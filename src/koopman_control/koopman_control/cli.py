@@ -285,14 +285,14 @@ def cmd_bringup(ns: argparse.Namespace, bench: bool = False) -> int:
 def cmd_inject_fault(ns: argparse.Namespace) -> int:
     from koopman_control.faults import inject
 
-    print(json.dumps(inject(ns.kind, ns.duration, ns.domain_id)), flush=True)
+    print(json.dumps(inject(ns.kind, ns.duration, ns.domain_id, ns.when_tracking)), flush=True)
     return 0
 
 
 def cmd_fault_run(ns: argparse.Namespace) -> int:
     """The stack in the process layout, one fault every ``--period`` s (koopman_control.faults)."""
     from koopman_control.faults import fault_run
-    from koopman_control.ros.base import ignore_stop_signals
+    from koopman_control.ros.base import executor_kind, ignore_stop_signals
 
     ns.processes = True
     run = Running(ns)
@@ -318,8 +318,6 @@ def cmd_fault_run(ns: argparse.Namespace) -> int:
     late = [f["fault"] for f in faults if f.get("stopped_after_ms") is not None
             and f["stopped_after_ms"] > 1e3 * ns.hold_within]
     unseen = [f["fault"] for f in faults if not f.get("on_diagnostics")]
-    from koopman_control.ros.base import executor_kind
-
     out = {"duration_s": ns.duration, "period_s": ns.period, "executor": executor_kind(), **summary, **report,
            "checks": {"crashed": crashed, "stopped_late": late, "not_on_diagnostics": unseen,
                       "early_collisions": summary.get("early_collisions")}}
@@ -371,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=JOINT_FAULTS + CHUNK_FAULTS + MODEL_FAULTS)
     p.add_argument("--duration", type=float, default=1.0, help="seconds of bad messages (default 1)")
     p.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID of the stack")
+    p.add_argument("--when-tracking", metavar="ROBOT", default=None,
+                   help="bad messages start once this robot node's arm follows a plan (sim, kortex_bridge; at most "
+                        "5 s of waiting), so that the stop they must cause can be timed")
     p.set_defaults(func=cmd_inject_fault)
     p = _parser(sub, "fault-run", "the stack in the process layout with a fault every --period seconds (JSON)",
                 "Cycle through bad joint states, bad chunks, refused swaps, a killed teacher and a killed and "

@@ -38,8 +38,13 @@ MUST_HOLD = ("nan-joint-states", "short-joint-states", "stale-joint-states", "hu
 OTHER_TASK_POLICY = "pusht_oneflow"
 
 
-def inject(kind: str, duration: float = 1.0, domain_id: int | None = None) -> dict[str, Any]:
-    """Run one fault from this process; returns what happened (printed as JSON by the command)."""
+def inject(kind: str, duration: float = 1.0, domain_id: int | None = None,
+           when_tracking: str | None = None) -> dict[str, Any]:
+    """Run one fault from this process; returns what happened (printed as JSON by the command).
+
+    ``when_tracking``: a robot node (``sim``, ``kortex_bridge``); a message fault then starts once that node's
+    arm follows a plan (or after 5 s, ``tracking_at_start`` false), checked here, after this process's start-up
+    and discovery, which take longer than the gap between two episodes."""
     import rclpy
     from rclpy.context import Context
     from rclpy.signals import SignalHandlerOptions
@@ -52,13 +57,13 @@ def inject(kind: str, duration: float = 1.0, domain_id: int | None = None) -> di
     try:
         if kind in MODEL_FAULTS:
             return {"fault": kind, **_swap(node, kind)}
-        return {"fault": kind, **_publish(node, kind, duration)}
+        return {"fault": kind, **_publish(node, kind, duration, when_tracking)}
     finally:
         node.destroy_node()
         rclpy.shutdown(context=ctx)
 
 
-def _publish(node: Any, kind: str, duration: float) -> dict[str, Any]:
+def _publish(node: Any, kind: str, duration: float, when_tracking: str | None) -> dict[str, Any]:
     from sensor_msgs.msg import JointState
     from trajectory_msgs.msg import JointTrajectory
 
@@ -76,6 +81,7 @@ def _publish(node: Any, kind: str, duration: float) -> dict[str, Any]:
     t_end = time.monotonic() + 5.0
     while time.monotonic() < t_end and not 0 < node.count_subscribers(pub.topic_name) <= pub.get_subscription_count():
         time.sleep(0.01)
+    tracking = None if when_tracking is None else _arm_tracking(node, when_tracking, 5.0)
     start = time.time_ns()
     sent = 0
     while time.time_ns() - start < duration * 1e9:
@@ -95,7 +101,39 @@ def _publish(node: Any, kind: str, duration: float) -> dict[str, Any]:
         pub.publish(msg)
         sent += 1
         time.sleep(0.01)
-    return {"start_ns": start, "end_ns": time.time_ns(), "sent": sent}
+    out = {"start_ns": start, "end_ns": time.time_ns(), "sent": sent}
+    if tracking is not None:
+        out["tracking_at_start"] = tracking
+    return out
+
+
+def _is_tracking(metrics: str) -> bool:
+    """Whether a robot node's metrics (JSON) say its arm follows a plan."""
+    return json.loads(metrics).get("commands", {}).get("state") == "tracking"
+
+
+def _arm_tracking(node: Any, robot: str, timeout: float) -> bool:
+    """Ask ``/<robot>/metrics`` until the arm follows a plan (True) or ``timeout`` s have passed (False)."""
+    from rclpy.executors import SingleThreadedExecutor
+    from std_srvs.srv import Trigger
+
+    client = node.create_client(Trigger, f"/{robot}/metrics")
+    ex = SingleThreadedExecutor(context=node.context)
+    ex.add_node(node)
+    t_end = time.monotonic() + timeout
+    try:
+        while time.monotonic() < t_end:
+            if client.wait_for_service(timeout_sec=0.2):
+                fut = client.call_async(Trigger.Request())
+                ex.spin_until_future_complete(fut, timeout_sec=2.0)
+                res = fut.result()
+                if res is not None and res.success and _is_tracking(res.message):
+                    return True
+            time.sleep(0.01)
+        return False
+    finally:
+        ex.shutdown()
+        node.destroy_client(client)
 
 
 def _swap(node: Any, kind: str) -> dict[str, Any]:
@@ -211,8 +249,9 @@ def _one_fault(stack: Any, kind: str, domain_id: int | None, robot: str) -> dict
         return {"fault": kind, "start_ns": start, "end_ns": time.time_ns(), "exit_code": code}
     # A fault the arm must stop for starts while the arm follows a plan: between episodes it already holds,
     # there is nothing to stop, and the next stop (the next reset, 260 ms later once) would be timed instead.
-    tracking = _wait_tracking(stack, robot, 5.0) if kind in MUST_HOLD else None
+    # The injector checks it itself, just before it starts: its own start-up outlasts the gap between episodes.
     if kind == "kill-policy":
+        tracking = _wait_tracking(stack, robot, 5.0)
         start = time.time_ns()
         code = stack.kill("policy")
         t_dead = time.time_ns()
@@ -223,21 +262,20 @@ def _one_fault(stack: Any, kind: str, domain_id: int | None, robot: str) -> dict
     cmd = [sys.executable, "-m", "koopman_control.cli", "inject-fault", kind, "--duration", "1.0"]
     if domain_id is not None:
         cmd += ["--domain-id", str(domain_id)]
+    if kind in MUST_HOLD:
+        cmd += ["--when-tracking", robot]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
     if res.returncode != 0 or not lines:
         return {"fault": kind, "error": f"inject-fault exited {res.returncode}: {res.stderr[-500:]}"}
-    rec = json.loads(lines[-1])
-    if tracking is not None:
-        rec["tracking_at_start"] = tracking
-    return rec
+    return json.loads(lines[-1])
 
 
 def _wait_tracking(stack: Any, robot: str, timeout: float) -> bool:
     t_end = time.monotonic() + timeout
     while time.monotonic() < t_end:
         ok, msg = stack.call_trigger(f"/{robot}/metrics", 2.0)
-        if ok and json.loads(msg).get("commands", {}).get("state") == "tracking":
+        if ok and _is_tracking(msg):
             return True
         time.sleep(0.05)
     return False

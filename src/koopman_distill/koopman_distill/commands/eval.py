@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -219,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
     koopman_sim.check_task(args.task)
     if args.mode_states < 0 or args.mode_draws < 2:
         raise ValueError("--mode-states must be >= 0 and --mode-draws at least 2")
-    if not args.noise_scale > 0:
+    if not (math.isfinite(args.noise_scale) and args.noise_scale > 0):  # as rollout checks it, before loading
         raise ValueError(f"--noise-scale must be positive, got {args.noise_scale}")
     if args.noise_scale != 1.0 and args.update_cards:
         raise ValueError(f"--update-cards records a model's own evaluation, not one at --noise-scale "
