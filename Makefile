@@ -78,9 +78,18 @@ models-pusht: setup
 	$(KD) teacher-data --teacher models/pusht_teacher --data $(DATA)/pusht_demos.h5 \
 		--visited $(DATA)/pusht_visited_teacher.h5 --out $(DATA)/pusht_teacher_data.h5 --steps 30 --draws 2
 	# The Koopman students read the observation in their encoders and head and train without latent noise
-	# (students/kdm.py, docs/experiments.md "Koopman students on Push-T").
-	for m in kdm dkoopman; do $(PUSHT_STUDENT) --method $$m --set obs_in=all --set latent_noise=0 \
-		--out models/pusht_$$m --steps 8000 || exit 1; done
+	# (students/kdm.py). A first student learns the DDIM-30 chunks; the shipped one learns that student's chunks
+	# finished by the teacher, re-noised at progress 0.7 (teacher-data --refine; docs/experiments.md, "Koopman
+	# students on Push-T").
+	for m in kdm dkoopman; do \
+		$(PUSHT_STUDENT) --method $$m --set obs_in=all --set latent_noise=0 --out $(DATA)/pusht_$${m}_base \
+			--steps 8000 || exit 1; \
+		$(KD) teacher-data --teacher models/pusht_teacher --data $(DATA)/pusht_demos.h5 \
+			--visited $(DATA)/pusht_visited_teacher.h5 --out $(DATA)/pusht_$${m}_refined.h5 --steps 30 --draws 2 \
+			--refine $(DATA)/pusht_$${m}_base --refine-progress 0.7 || exit 1; \
+		$(KD) student --teacher models/pusht_teacher --teacher-data $(DATA)/pusht_$${m}_refined.h5 \
+			--set hidden_dim=512 --method $$m --set obs_in=all --set latent_noise=0 --out models/pusht_$$m \
+			--steps 8000 || exit 1; done
 	for m in cd bc; do $(PUSHT_STUDENT) --method $$m --out models/pusht_$$m --steps 8000 || exit 1; done
 	$(KD) student $(PUSHT_TEACHER_DATA) --method oneflow --out $(DATA)/pusht_oneflow_base --steps 16000 \
 		--set backbone=unet --set terminal_loss_weight=4
@@ -108,10 +117,14 @@ models-pusht: setup
 	# The DDIM-30 teacher on the same seeds: the sampler whose trajectories the students learn.
 	$(KD) eval --task pusht --policies pusht_teacher --backend onnx --episodes 200 --seed 2000 \
 		--json results/eval_pusht_teacher_ddim30_seeds2000.json
-	# The teacher and the best student on 300 seeds that the refinement was not chosen on.
+	# The teacher and the students on 300 seeds that no refinement was chosen on.
 	$(KD) eval --task pusht --policies pusht_teacher --episodes 300 --seed 3000 \
 		--json results/eval_pusht_teacher_seeds3000.json
-	$(KD) eval --task pusht --policies pusht_oneflow --episodes 300 --seed 3000 --json results/eval_pusht_seeds3000.json
+	$(KD) eval --task pusht --policies pusht_oneflow,pusht_dkoopman,pusht_kdm --episodes 300 --seed 3000 \
+		--json results/eval_pusht_seeds3000.json
+	# A first Koopman student's chunk finished by the teacher from progress 0.7: what the shipped ones learn.
+	$(KD) eval --task pusht --policies $(DATA)/pusht_dkoopman_base --finish-progress 0.7 --episodes 100 --seed 2000 \
+		--json results/pusht_koopman_diagnosis/eval_dkoopman_finished_by_teacher_s2000.json
 	$(KD) bench --task pusht --ddim-steps 30 --json results/bench_pusht.json
 	$(MAKE) results-table
 

@@ -18,7 +18,7 @@ import torch
 from koopman_distill.cli import main
 from koopman_distill.data import file_sha256, read_teacher_data
 from koopman_distill.evaluate import rollout
-from koopman_distill.runners import load_runner
+from koopman_distill.runners import TeacherFinishedRunner, load_runner
 from koopman_policy.checkpoint import load_policy
 from koopman_policy.registry import STUDENT_METHODS
 from koopman_sim.collect import collect
@@ -302,3 +302,78 @@ def test_help_lists_every_command_without_torch() -> None:
     assert "heavy: []" in r.stdout, r.stdout[-500:]
     from koopman_distill.cli import COMMANDS
     assert all(name in r.stdout for name in COMMANDS)
+
+
+def _refine_source(pipeline: Path) -> Path:
+    """A small dkoopman student of the pipeline's teacher, trained once per module."""
+    student = pipeline / "refine_source"
+    if not (student / "model.safetensors").is_file():
+        assert main(["student", "--method", "dkoopman", "--teacher", str(pipeline / "teacher"), "--teacher-data",
+                     str(pipeline / "td.h5"), "--out", str(student), "--steps", "20", "--batch-size", "16",
+                     *TINY_STUDENT]) == 0
+    return student
+
+
+def test_eval_finish_progress_measures_what_refined_data_records(pipeline, capsys):
+    """``eval --finish-progress``: the student's chunk finished by the teacher's DDIM-30 is exactly the end point
+    ``teacher-data --refine`` records for the same history and noise; the teacher itself is evaluated as it is."""
+    student = _refine_source(pipeline)
+    td = pipeline / "td_refined30.h5"
+    assert main(["teacher-data", "--teacher", str(pipeline / "teacher"), "--data", str(pipeline / "demos.h5"),
+                 "--steps", "30", "--draws", "1", "--out", str(td), "--refine", str(student)]) == 0
+    data = read_teacher_data(td)
+    teacher = load_policy(pipeline / "teacher")
+    runner = TeacherFinishedRunner(load_runner(str(student), "torch"), teacher, 0.7)
+    chunk = runner.predict_action(data.obs[:4].numpy(), data.states[:4, 0].numpy())
+    expected = teacher.action_normalizer.unnormalize(data.states[:4, -1]).numpy()
+    np.testing.assert_allclose(chunk, expected, atol=1e-4)
+    out = pipeline / "eval_finished" / "results.json"
+    args = ["eval", "--policies", f"{student},{pipeline / 'teacher'}", "--teacher", str(pipeline / "teacher"),
+            "--episodes", "1", "--mmd-obs", "3", "--mmd-draws", "4", "--json", str(out)]
+    assert main([*args, "--finish-progress", "0.7"]) == 0
+    results = json.loads(out.read_text())
+    assert results[str(student)]["finished_by_teacher_from"] == 0.7
+    assert results[str(student)]["sampler"] == "finished by ddim-30 from 0.7"
+    assert "finished_by_teacher_from" not in results[str(pipeline / "teacher")]
+    capsys.readouterr()
+    assert main([*args, "--finish-progress", "1.0"]) == 2
+    assert "--finish-progress must lie in (0, 1)" in capsys.readouterr().err
+
+
+def test_refined_teacher_data_holds_the_students_chunk_finished_by_the_teacher(pipeline, capsys):
+    """``teacher-data --refine``: the same histories and noises as the plain file, the end point the teacher
+    reaches from the student's chunk re-noised at the given progress; only the Koopman students train on it."""
+    student = _refine_source(pipeline)
+    out = pipeline / "td_refined.h5"
+    common = ["teacher-data", "--teacher", str(pipeline / "teacher"), "--data", str(pipeline / "demos.h5"),
+              "--steps", "3", "--draws", "1"]
+    assert main([*common, "--out", str(out), "--refine", str(student), "--refine-progress", "0.67"]) == 0
+    plain, refined = read_teacher_data(pipeline / "td.h5"), read_teacher_data(out)
+    assert refined.states.shape[1] == 2 and refined.timesteps[-1] == -1
+    assert torch.equal(refined.obs, plain.obs) and torch.equal(refined.states[:, 0], plain.states[:, 0])
+    assert refined.attrs["refined_by_sha256"] == file_sha256(student / "model.safetensors")
+    teacher, source = load_policy(pipeline / "teacher"), load_policy(student)
+    obs_n, noise = teacher.encode_obs(plain.obs[:8]), plain.states[:8, 0]
+    with torch.no_grad():
+        x = source.sample_normalized(obs_n, noise)[0]
+        teacher.ddim.set_timesteps(3)
+        alpha_bar = teacher.ddim.alphas_cumprod[teacher.ddim.timesteps[2]]
+        x = alpha_bar.sqrt() * x + (1 - alpha_bar).sqrt() * noise
+        x = teacher.ddim.step(teacher.model(x, teacher.ddim.timesteps[2], obs_n), teacher.ddim.timesteps[2], x,
+                              eta=0.0).prev_sample
+    assert torch.allclose(refined.states[:8, 1], x, atol=1e-5)
+    assert (refined.states[:, 1] - plain.states[:, -1]).abs().max() > 1e-3  # not the teacher's own end point
+
+    kdm = pipeline / "kdm_refined"
+    assert main(["student", "--method", "kdm", "--teacher", str(pipeline / "teacher"), "--teacher-data", str(out),
+                 "--out", str(kdm), "--steps", "5", "--batch-size", "16", *TINY_STUDENT]) == 0
+    card = json.loads((kdm / "card.json").read_text())
+    assert card["data"]["refined_by"] == str(student) and card["data"]["refine_progress"] == 0.67
+    capsys.readouterr()
+    assert main(["student", "--method", "bc", "--teacher", str(pipeline / "teacher"), "--teacher-data", str(out),
+                 "--out", str(pipeline / "bc_refined"), "--steps", "5"]) == 2
+    assert "refined end points" in capsys.readouterr().err
+    assert main([*common, "--out", str(pipeline / "y.h5"), "--refine", str(pipeline / "teacher")]) == 2
+    assert "Koopman students" in capsys.readouterr().err
+    assert main([*common, "--out", str(pipeline / "y.h5"), "--refine", str(student), "--refine-progress", "0.1"]) == 2
+    assert "leaves no step" in capsys.readouterr().err and not (pipeline / "y.h5").exists()

@@ -15,6 +15,7 @@ import pytest
 import torch
 from policy_fields import task_fields
 
+from koopman_policy import onnx_policy
 from koopman_policy.onnx_export import export_policy, export_teacher_denoiser, file_sha256
 from koopman_policy.onnx_policy import ModelLoadError, OnnxDenoiserLoop, OnnxPolicy, load_onnx
 from koopman_policy.registry import POLICIES
@@ -157,6 +158,20 @@ def test_provider_choice_and_session_options(dkoopman_file: str) -> None:
     assert cpu.session.get_session_options().intra_op_num_threads == 2
     with pytest.raises(ValueError, match="intra_op_threads"):
         OnnxPolicy(dkoopman_file, intra_op_threads=0)
+
+
+def test_unusable_gpu_providers_are_probed_quietly(dkoopman_file: str, monkeypatch, capfd) -> None:
+    """A GPU build without its libraries: the probe's failure reaches `logging` (the fallback reasons), not ORT's
+    own error lines and "EP Error" banner on the terminal."""
+    monkeypatch.setattr(onnx_policy, "_UNUSABLE_PROVIDERS", {})
+    capfd.readouterr()
+    policy = OnnxPolicy(dkoopman_file)
+    out, err = capfd.readouterr()
+    assert "EP Error" not in out and "EP Error" not in err and "Failed to load library" not in err
+    listed = ort.get_available_providers()
+    gpu_listed = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in listed]
+    if policy.provider == "CPUExecutionProvider":
+        assert len(policy.fallback_reasons) == len(gpu_listed)
 
 
 def test_input_validation(dkoopman_file: str) -> None:

@@ -72,6 +72,45 @@ class TorchRunner:
 
 
 @dataclass
+class TeacherFinishedRunner:
+    """A one-step student's chunk finished by the teacher (``koopman-distill eval --finish-progress``, a diagnosis).
+
+    The student's chunk for each noise is put back on the teacher's DDIM-``steps`` path at ``progress`` with that
+    noise and denoised over the remaining steps (``DiffusionPolicy.ddim_refine``): what ``teacher-data --refine``
+    records for a student to learn, measured in closed loop. Not a serving path (it costs the teacher's steps).
+    """
+
+    student: TorchRunner
+    teacher: Any  # a DiffusionPolicy (its ddim_refine)
+    progress: float
+    steps: int = 30
+
+    def __post_init__(self) -> None:
+        s = self.student
+        if s.image_size is not None or s.sampler is not None:
+            raise ValueError(f"{s.name}: only a one-step student of state observations can be finished by the teacher")
+        self.name, self.method, self.backend, self.card = s.name, s.method, s.backend, s.card
+        self.horizon, self.n_obs_steps, self.n_action_steps = s.horizon, s.n_obs_steps, s.n_action_steps
+        self.obs_dim, self.action_dim = s.obs_dim, s.action_dim
+        self.obs_names, self.control_dt = s.obs_names, s.control_dt
+        self.num_parameters, self.image_size, self.camera = s.num_parameters, None, None
+        self.sampler = f"finished by ddim-{self.steps} from {self.progress}"
+
+    @torch.no_grad()
+    def predict_action(self, obs_history: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        policy = self.student.policy
+        obs = torch.from_numpy(np.asarray(obs_history, np.float32))
+        eps = torch.from_numpy(np.asarray(noise, np.float32))
+        squeeze = obs.dim() == 2
+        obs, eps = (obs[None], eps[None]) if squeeze else (obs, eps)
+        obs = policy.check_obs(obs)
+        chunk = policy.sample_normalized(policy.encode_obs(obs), eps)[0]
+        chunk = self.teacher.ddim_refine(self.teacher.encode_obs(obs), chunk, eps, self.steps, self.progress)
+        out = self.teacher.action_normalizer.unnormalize(chunk).numpy()
+        return out[0] if squeeze else out
+
+
+@dataclass
 class OnnxRunner:
     """An exported file through its runtime (``OnnxPolicy``, or a teacher's ``OnnxDenoiserLoop``)."""
 

@@ -30,6 +30,8 @@ Design choices, each for the control loop:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
@@ -61,6 +63,7 @@ PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CP
 _MIN_RANGE = 1e-4  # as koopman_policy.normalizer
 # Each provider's probe in this process (``_probe_provider``): why it cannot run, "" when it can.
 _UNUSABLE_PROVIDERS: dict[str, str] = {}
+ORT_DEFAULT_LOG_SEVERITY = 2  # ORT's process-wide logger starts at warning; the provider probe restores it
 #: The graph inputs each kind of file may have.
 _INPUTS = {"policy": (POLICY_INPUTS, IMAGE_POLICY_INPUTS), "denoiser": (DENOISER_INPUTS,)}
 
@@ -218,13 +221,19 @@ def _probe_provider(provider: str) -> str | None:
         model.ir_version = 8
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        # A missing provider library is reported by ORT's process-wide logger at error level and by a printed
+        # "EP Error" banner; the outcome goes to `logging` (create_session), so both are held back here.
+        ort.set_default_logger_severity(4)
         try:
-            active = ort.InferenceSession(model.SerializeToString(), opts,
-                                          providers=[provider, "CPUExecutionProvider"]).get_providers()[0]
+            with contextlib.redirect_stdout(io.StringIO()):
+                active = ort.InferenceSession(model.SerializeToString(), opts,
+                                              providers=[provider, "CPUExecutionProvider"]).get_providers()[0]
             _UNUSABLE_PROVIDERS[provider] = "" if active == provider else (
                 f"{provider}: listed but could not be initialised (no device or missing libraries)")
         except Exception as err:  # ORT raises its own exception types
             _UNUSABLE_PROVIDERS[provider] = f"{provider}: could not be initialised: {str(err).splitlines()[0]}"
+        finally:
+            ort.set_default_logger_severity(ORT_DEFAULT_LOG_SEVERITY)
     return _UNUSABLE_PROVIDERS[provider] or None
 
 

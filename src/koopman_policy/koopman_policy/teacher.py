@@ -99,6 +99,26 @@ class DiffusionPolicy(BasePolicy):
         timesteps = torch.cat([self.ddim.timesteps.long(), torch.tensor([-1])])
         return Trajectory(torch.stack(states, dim=1), timesteps)
 
+    def ddim_refine(self, obs_n: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, num_steps: int,
+                    progress: float) -> torch.Tensor:
+        """A chunk ``x0`` put back on the DDIM-``num_steps`` path at ``progress`` with its own noise
+        (``sqrt(ᾱ) x0 + sqrt(1 - ᾱ) x_T``, ᾱ the noise level there) and denoised over the remaining steps.
+
+        What a one-step student's chunk becomes when the teacher finishes it: the low-noise end of the path,
+        where the teacher is most accurate, corrects the student's error (``teacher-data --refine``).
+        """
+        k = round(progress * num_steps)
+        if not 0 < k < num_steps:
+            raise ValueError(f"teacher: refine progress {progress} leaves no step of DDIM-{num_steps} to take "
+                             f"(it must lie within (0, 1) by at least 1/{num_steps})")
+        self.ddim.set_timesteps(num_steps)
+        timesteps = self.ddim.timesteps[k:]
+        alpha_bar = self.ddim.alphas_cumprod[timesteps[0]]
+        x = alpha_bar.sqrt() * x0 + (1.0 - alpha_bar).sqrt() * noise
+        for t in timesteps:
+            x = self.ddim.step(self.model(x, t, obs_n), t, x, eta=0.0).prev_sample
+        return x
+
     def denoiser_module(self) -> nn.Module:
         return TeacherDenoiser(self)
 

@@ -36,7 +36,7 @@ from koopman_distill.evaluate import (
     rollout,
     teacher_reference,
 )
-from koopman_distill.runners import Runner, TorchRunner, load_runner
+from koopman_distill.runners import Runner, TeacherFinishedRunner, TorchRunner, load_runner
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,6 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--noise-scale", type=float, default=1.0,
                    help="multiply every noise draw the policies are given (a sampling temperature, for diagnosis; "
                         "default 1)")
+    p.add_argument("--finish-progress", type=float, default=None,
+                   help="diagnosis: each student's chunk finished by the teacher's DDIM-30 from this progress, "
+                        "re-noised with its own noise (what teacher-data --refine records; PyTorch checkpoints)")
     p.add_argument("--update-cards", action="store_true",
                    help="record each policy's results in its model card under 'evaluation'")
     p.add_argument("--mode-states", type=int, default=0,
@@ -225,8 +228,12 @@ def run(args: argparse.Namespace) -> int:
     if args.noise_scale != 1.0 and args.update_cards:
         raise ValueError(f"--update-cards records a model's own evaluation, not one at --noise-scale "
                          f"{args.noise_scale}")
+    if args.finish_progress is not None and (args.update_cards or not 0 < round(args.finish_progress * 30) < 30):
+        raise ValueError(f"--finish-progress must lie in (0, 1) with a step of DDIM-30 left either side, and is a "
+                         f"diagnosis --update-cards does not record (got {args.finish_progress})")
     teacher_name = args.teacher or DEFAULT_TEACHER[args.task]
-    loaded = {n: load_runner(n, args.backend) for n in names if n not in REFERENCES}
+    backend = "torch" if args.finish_progress is not None else args.backend
+    loaded = {n: load_runner(n, backend) for n in names if n not in REFERENCES}
     # The MMD reference needs the PyTorch teacher, also when the teacher itself is evaluated through ONNX.
     evaluated_teacher = loaded.get(teacher_name)
     teacher_runner = (evaluated_teacher if isinstance(evaluated_teacher, TorchRunner)
@@ -234,6 +241,10 @@ def run(args: argparse.Namespace) -> int:
     teacher = teacher_runner.policy
     runners: dict[str, Runner] = {n: loaded[n] if n in loaded else reference_runner(n, args.task, teacher_runner)
                                   for n in names}
+    if args.finish_progress is not None:
+        runners = {n: TeacherFinishedRunner(r, teacher, args.finish_progress)
+                   if isinstance(r, TorchRunner) and r.sampler is None and r.image_size is None else r
+                   for n, r in runners.items()}
     obs = mmd_observations(args, teacher_runner.n_obs_steps, teacher_runner.horizon)
     reference = teacher_reference(teacher, obs, args.mmd_draws, args.seed)
     results, stats = {}, {}
@@ -249,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
             **camera,
             "sampler": runner.sampler,
             **({"noise_scale": args.noise_scale} if args.noise_scale != 1.0 else {}),
+            **({"finished_by_teacher_from": args.finish_progress} if isinstance(runner, TeacherFinishedRunner) else {}),
             **stats[name].summary(),
             "mmd_to_teacher": None if runner.image_size else mmd_to_teacher(runner, teacher, obs, reference,
                                                                             args.seed + 1),

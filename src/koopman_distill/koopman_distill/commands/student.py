@@ -107,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
     if getattr(teacher, "image_inputs", False):  # the camera teacher (koopman_distill.images)
         return train_student(args, teacher, data, OOD_MARGIN)
     cls = policy_class(args.method)
+    if "refined_by" in data.attrs and not issubclass(cls, KoopmanStudent):
+        raise ValueError(f"{args.teacher_data} holds refined end points (teacher-data --refine), which only the "
+                         f"Koopman students (kdm, dkoopman) are trained on, not {args.method}")
     t = teacher.config
     base = cls.config_class(
         obs_dim=t.obs_dim, action_dim=t.action_dim, horizon=t.horizon, n_obs_steps=t.n_obs_steps,
@@ -147,7 +150,9 @@ def run(args: argparse.Namespace) -> int:
         "teacher": {"path": str(args.teacher), "sha256": data.attrs.get("teacher_sha256", "")},
         "data": {"path": str(args.teacher_data), "sha256": data.sha256,
                  "dataset_sha256": data.attrs.get("dataset_sha256", ""),
-                 "visited_sha256": data.attrs.get("visited_sha256", ""), "trajectories": len(data.obs)},
+                 "visited_sha256": data.attrs.get("visited_sha256", ""), "trajectories": len(data.obs),
+                 **{k: data.attrs[k] for k in ("refined_by", "refined_by_sha256", "refine_progress")
+                    if k in data.attrs}},
         "commit": commit,
         "parameters": trained.num_parameters(),
         "initialised_from_teacher": initialised,
