@@ -347,7 +347,9 @@ def test_refined_teacher_data_holds_the_students_chunk_finished_by_the_teacher(p
     out = pipeline / "td_refined.h5"
     common = ["teacher-data", "--teacher", str(pipeline / "teacher"), "--data", str(pipeline / "demos.h5"),
               "--steps", "3", "--draws", "1"]
+    capsys.readouterr()
     assert main([*common, "--out", str(out), "--refine", str(student), "--refine-progress", "0.67"]) == 0
+    assert "chunks finished by DDIM-3 from progress 0.67" in capsys.readouterr().out
     plain, refined = read_teacher_data(pipeline / "td.h5"), read_teacher_data(out)
     assert refined.states.shape[1] == 2 and refined.timesteps[-1] == -1
     assert torch.equal(refined.obs, plain.obs) and torch.equal(refined.states[:, 0], plain.states[:, 0])

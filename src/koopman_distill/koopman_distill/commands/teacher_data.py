@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps, draws=args.draws, seed=args.seed, **refined,
     )
     extra = f" ({sum(len(v) for v in visited)} visited histories per draw)" if visited else ""
-    extra += f", refined from {args.refine} at progress {args.refine_progress}" if student is not None else ""
-    print(f"teacher-data: {len(obs)} trajectories of {args.steps} DDIM steps{extra} -> {args.out}")
+    what = (f"end points of {args.refine}'s chunks finished by DDIM-{args.steps} from progress {args.refine_progress}"
+            if student is not None else f"trajectories of {args.steps} DDIM steps")
+    print(f"teacher-data: {len(obs)} {what}{extra} -> {args.out}")
     return 0
