@@ -71,6 +71,9 @@ class TorchRunner:
         return chunk[0] if squeeze else chunk
 
 
+FINISH_STEPS = 30  # the DDIM path the Push-T students distil (teacher-data --steps 30)
+
+
 @dataclass
 class TeacherFinishedRunner:
     """A one-step student's chunk finished by the teacher (``koopman-distill eval --finish-progress``, a diagnosis).
@@ -83,7 +86,7 @@ class TeacherFinishedRunner:
     student: TorchRunner
     teacher: Any  # a DiffusionPolicy (its ddim_refine)
     progress: float
-    steps: int = 30
+    steps: int = FINISH_STEPS
 
     def __post_init__(self) -> None:
         s = self.student

@@ -10,6 +10,7 @@ probability-flow sampler whose trajectories the students distil).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,16 @@ class Trajectory:
 
     states: torch.Tensor  # (B, K + 1, H, Da)
     timesteps: torch.Tensor  # (K + 1,)
+
+
+def refine_start(progress: float, num_steps: int) -> int:
+    """The DDIM-``num_steps`` step at which a chunk re-enters the path at ``progress`` (``ddim_refine``); a progress
+    that leaves no step before or after it is a ValueError, checked by the commands before any work."""
+    k = progress * num_steps
+    if not (math.isfinite(k) and 0 < round(k) < num_steps):
+        raise ValueError(f"teacher: refine progress {progress} leaves no step of DDIM-{num_steps} to take "
+                         f"(it must lie within (0, 1) by at least 1/{num_steps})")
+    return round(k)
 
 
 class DiffusionPolicy(BasePolicy):
@@ -107,12 +118,8 @@ class DiffusionPolicy(BasePolicy):
         What a one-step student's chunk becomes when the teacher finishes it: the low-noise end of the path,
         where the teacher is most accurate, corrects the student's error (``teacher-data --refine``).
         """
-        k = round(progress * num_steps)
-        if not 0 < k < num_steps:
-            raise ValueError(f"teacher: refine progress {progress} leaves no step of DDIM-{num_steps} to take "
-                             f"(it must lie within (0, 1) by at least 1/{num_steps})")
         self.ddim.set_timesteps(num_steps)
-        timesteps = self.ddim.timesteps[k:]
+        timesteps = self.ddim.timesteps[refine_start(progress, num_steps):]
         alpha_bar = self.ddim.alphas_cumprod[timesteps[0]]
         x = alpha_bar.sqrt() * x0 + (1.0 - alpha_bar).sqrt() * noise
         for t in timesteps:

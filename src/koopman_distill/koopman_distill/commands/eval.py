@@ -36,7 +36,8 @@ from koopman_distill.evaluate import (
     rollout,
     teacher_reference,
 )
-from koopman_distill.runners import Runner, TeacherFinishedRunner, TorchRunner, load_runner
+from koopman_distill.runners import FINISH_STEPS, Runner, TeacherFinishedRunner, TorchRunner, load_runner
+from koopman_policy.teacher import refine_start
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -216,6 +217,14 @@ def plot_paths(stats: dict[str, RolloutStats], path: Path) -> None:
                 "of the first episode)", path, dpi=120)
 
 
+def _refine_start_ok(progress: float) -> bool:
+    try:
+        refine_start(progress, FINISH_STEPS)
+    except ValueError:
+        return False
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.policies.split(",") if n.strip()]
     if not names or args.episodes < 1:
@@ -228,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
     if args.noise_scale != 1.0 and args.update_cards:
         raise ValueError(f"--update-cards records a model's own evaluation, not one at --noise-scale "
                          f"{args.noise_scale}")
-    if args.finish_progress is not None and (args.update_cards or not 0 < round(args.finish_progress * 30) < 30):
+    if args.finish_progress is not None and (args.update_cards or not _refine_start_ok(args.finish_progress)):
         raise ValueError(f"--finish-progress must lie in (0, 1) with a step of DDIM-30 left either side, and is a "
                          f"diagnosis --update-cards does not record (got {args.finish_progress})")
     teacher_name = args.teacher or DEFAULT_TEACHER[args.task]

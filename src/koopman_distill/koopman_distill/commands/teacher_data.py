@@ -17,7 +17,6 @@ docs/experiments.md, "Koopman students on Push-T".
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ from koopman_distill.data import episode_windows, file_sha256, read_visited, wri
 from koopman_distill.images import record_teacher_data
 from koopman_policy.checkpoint import WEIGHTS, load_policy
 from koopman_policy.students.kdm import KoopmanStudent
-from koopman_policy.teacher import DiffusionPolicy
+from koopman_policy.teacher import DiffusionPolicy, refine_start
 from koopman_sim.dataset import load_dataset
 
 
@@ -62,9 +61,10 @@ def refine_source(args: argparse.Namespace, teacher: DiffusionPolicy) -> Koopman
     if (s.obs_dim, s.action_dim, s.horizon, s.n_obs_steps) != (t.obs_dim, t.action_dim, t.horizon, t.n_obs_steps):
         raise ValueError(f"--refine {args.refine} does not fit the teacher's (obs_dim, action_dim, horizon, "
                          f"n_obs_steps) = ({t.obs_dim}, {t.action_dim}, {t.horizon}, {t.n_obs_steps})")
-    k = args.refine_progress * args.steps
-    if not (math.isfinite(k) and 0 < round(k) < args.steps):
-        raise ValueError(f"--refine-progress {args.refine_progress} leaves no step of the {args.steps}-step path")
+    try:
+        refine_start(args.refine_progress, args.steps)
+    except ValueError as err:
+        raise ValueError(f"--refine-progress: {err}") from None
     return student.eval()
 
 
