@@ -101,10 +101,13 @@ def test_catalogue_lists_the_pusht_policies() -> None:
         assert entry.card is not None and json.loads(entry.card.read_text())["evaluation"]["task"] == "pusht"
 
 
-def test_flops_per_decision_of_a_student_and_the_teacher_denoiser() -> None:
-    student = flops_per_call(load_policy(REPO / "models/pusht_dkoopman"))
+def test_flops_per_decision_of_students_and_the_teacher_denoiser() -> None:
+    """An MLP student costs less than one teacher call; the U-Net-encoder dkoopman one pass of the teacher's network
+    (its encoder and head) plus the Koopman layer, well under two calls."""
     denoiser = flops_per_call(load_policy(REPO / "models/pusht_teacher"))
-    assert 0 < student < denoiser
+    mlp = flops_per_call(load_policy(REPO / "models/pusht_kdm"))
+    unet = flops_per_call(load_policy(REPO / "models/pusht_dkoopman"))
+    assert 0 < mlp < denoiser < unet < 1.5 * denoiser, (mlp, denoiser, unet)
 
 
 def test_eval_pusht_writes_coverage_success_and_latency(tmp_path) -> None:

@@ -25,15 +25,17 @@ decoder learns to ignore which push the noise chose; σ = 0 raised dkoopman's sp
 0.49 of the teacher's. Both together: paired error 0.319 -> 0.059, Push-T mean max coverage 0.119 -> 0.364
 (seeds 2000-2049; docs/experiments.md, "Push-T").
 
-``encoder: unet`` (a structural change, for Push-T, where the MLP encoders above average the pushes: 0.09–0.10
-mean max coverage against the teacher's 0.69, results/eval_pusht.json): E_T and E_0 are the teacher's U-Net up
-to its output block, read at the last and the first diffusion step and started from the teacher's weights; D
-is that output block; the latent is its (channels x horizon) feature map; the operator (here and in dkoopman)
-starts at the identity with no control term, so the untrained student is the teacher's network called once,
-the start that made oneflow work on Push-T. The latent residual would need a second U-Net call, so this
-variant reports no OOD score. Measured on Push-T (dkoopman, σ = 0, 6000 steps): paired error to the teacher
-0.030 on held-out histories (the MLP students' 0.059, oneflow's 0.038), but mean max coverage 0.493 on the
-choice seeds 2000-2049 and 1.59 ms per decision on one core, over the 1 ms budget: not the shipped choice.
+``encoder: unet`` (a structural change, shipped in Push-T's dkoopman, where the MLP encoders above average the
+pushes: 0.09–0.10 mean max coverage against the teacher's 0.69, results/eval_pusht.json): E_T and E_0 are the
+teacher's U-Net up to its output block, read at the last and the first diffusion step and started from the
+teacher's weights; D is that output block; the latent is its (channels x horizon) feature map; the operator (here
+and in dkoopman) starts at the identity with no control term, so the untrained student is the teacher's network
+called once, the start that made oneflow work on Push-T. The latent residual would need a second U-Net call, so
+this variant reports no OOD score (as oneflow). Measured on Push-T (dkoopman, σ = 0, 6000 steps): paired error to
+the teacher 0.030 on held-out histories (the MLP students' 0.059, oneflow's 0.038) and 0.493 mean max coverage on
+the choice seeds 2000-2049 on the DDIM-30 chunks; on its own chunks finished by the teacher (below) 0.660 on seeds
+2000-2099 against the MLP dkoopman's 0.571, at 0.88 ms per decision on one core (oneflow 0.78, the MLP dkoopman
+0.13, ``koopman-distill bench`` on an idle machine; an earlier run of it gave 1.59 and 1.26 ms).
 
 ``spread_loss_weight`` (measured on Push-T, off in the shipped students): an energy score (``energy_score``)
 beside KDM's losses, for students whose chunks vary less over the noise than the teacher's (0.75 of its variance).
@@ -42,9 +44,9 @@ At weight 0.3 the spread rose to 0.81 and the paired error from 0.059 to 0.076, 
 
 What the shipped Push-T Koopman students learn (a change of target, not of structure): the chunk a first student
 of the same recipe produces for each noise, finished by the teacher from progress 0.7 of its DDIM-30 path
-(``koopman-distill teacher-data --refine``). That composite scores 0.736 on seeds 2000-2099, above the
-teacher's own DDIM-30 (0.654); dkoopman trained on it 0.571 against 0.418, its spread 1.01 of the teacher's; a
-second round 0.579 (docs/experiments.md, "Koopman students on Push-T").
+(``koopman-distill teacher-data --refine``). For the MLP dkoopman that composite scores 0.736 on seeds 2000-2099,
+above the teacher's own DDIM-30 (0.654); the MLP dkoopman trained on it 0.571 against 0.418, its spread 1.01 of the
+teacher's; a second round 0.579; the U-Net dkoopman 0.660 (docs/experiments.md, "Koopman students on Push-T").
 """
 
 from __future__ import annotations
