@@ -323,7 +323,7 @@ def test_eval_finish_progress_measures_what_refined_data_records(pipeline, capsy
                  "--steps", "30", "--draws", "1", "--out", str(td), "--refine", str(student)]) == 0
     data = read_teacher_data(td)
     teacher = load_policy(pipeline / "teacher")
-    runner = TeacherFinishedRunner(load_runner(str(student), "torch"), teacher, 0.7)
+    runner = TeacherFinishedRunner.of(load_runner(str(student), "torch"), teacher, 0.7)
     chunk = runner.predict_action(data.obs[:4].numpy(), data.states[:4, 0].numpy())
     expected = teacher.action_normalizer.unnormalize(data.states[:4, -1]).numpy()
     np.testing.assert_allclose(chunk, expected, atol=1e-4)

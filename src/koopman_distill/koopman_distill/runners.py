@@ -67,15 +67,19 @@ class TorchRunner:
         if squeeze:
             observation, noise = [x[None] for x in observation], noise[None]
         obs: Any = observation[0] if self.image_size is None else {"image": observation[0], "state": observation[1]}
-        chunk = self.policy.predict_action(obs, noise).numpy()
+        chunk = self.chunk(obs, noise).numpy()
         return chunk[0] if squeeze else chunk
+
+    def chunk(self, obs: Any, noise: torch.Tensor) -> torch.Tensor:
+        """The policy's action chunk for a batch of observations and noises."""
+        return self.policy.predict_action(obs, noise)
 
 
 FINISH_STEPS = 30  # the DDIM path the Push-T students distil (teacher-data --steps 30)
 
 
-@dataclass
-class TeacherFinishedRunner:
+@dataclass(kw_only=True)
+class TeacherFinishedRunner(TorchRunner):
     """A one-step student's chunk finished by the teacher (``koopman-distill eval --finish-progress``, a diagnosis).
 
     The student's chunk for each noise is put back on the teacher's DDIM-``steps`` path at ``progress`` with that
@@ -83,34 +87,32 @@ class TeacherFinishedRunner:
     records for a student to learn, measured in closed loop. Not a serving path (it costs the teacher's steps).
     """
 
-    student: TorchRunner
     teacher: Any  # a DiffusionPolicy (its ddim_refine)
     progress: float
     steps: int = FINISH_STEPS
 
     def __post_init__(self) -> None:
-        s = self.student
-        if s.image_size is not None or s.sampler is not None:
-            raise ValueError(f"{s.name}: only a one-step student of state observations can be finished by the teacher")
-        self.name, self.method, self.backend, self.card = s.name, s.method, s.backend, s.card
-        self.horizon, self.n_obs_steps, self.n_action_steps = s.horizon, s.n_obs_steps, s.n_action_steps
-        self.obs_dim, self.action_dim = s.obs_dim, s.action_dim
-        self.obs_names, self.control_dt = s.obs_names, s.control_dt
-        self.num_parameters, self.image_size, self.camera = s.num_parameters, None, None
+        super().__post_init__()
+        if not self.finishable(self):
+            raise ValueError(f"{self.name}: only a one-step student of state observations can be finished by the "
+                             "teacher")
         self.sampler = f"finished by ddim-{self.steps} from {self.progress}"
 
-    @torch.no_grad()
-    def predict_action(self, obs_history: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        policy = self.student.policy
-        obs = torch.from_numpy(np.asarray(obs_history, np.float32))
-        eps = torch.from_numpy(np.asarray(noise, np.float32))
-        squeeze = obs.dim() == 2
-        obs, eps = (obs[None], eps[None]) if squeeze else (obs, eps)
-        obs = policy.check_obs(obs)
-        chunk = policy.sample_normalized(policy.encode_obs(obs), eps)[0]
-        chunk = self.teacher.ddim_refine(self.teacher.encode_obs(obs), chunk, eps, self.steps, self.progress)
-        out = self.teacher.action_normalizer.unnormalize(chunk).numpy()
-        return out[0] if squeeze else out
+    @classmethod
+    def of(cls, student: TorchRunner, teacher: Any, progress: float) -> TeacherFinishedRunner:
+        """``student``'s checkpoint, finished by ``teacher`` from ``progress``."""
+        return cls(student.name, student.policy, student.card, teacher=teacher, progress=progress)
+
+    @staticmethod
+    def finishable(runner: Runner) -> bool:
+        """A one-step student of state observations through PyTorch: the runners whose chunks can be finished."""
+        return isinstance(runner, TorchRunner) and runner.sampler is None and runner.image_size is None
+
+    def chunk(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        obs = self.policy.check_obs(obs)
+        x0 = self.policy.sample_normalized(self.policy.encode_obs(obs), noise)[0]
+        x0 = self.teacher.ddim_refine(self.teacher.encode_obs(obs), x0, noise, self.steps, self.progress)
+        return self.teacher.action_normalizer.unnormalize(x0)
 
 
 @dataclass

@@ -251,9 +251,8 @@ def run(args: argparse.Namespace) -> int:
     runners: dict[str, Runner] = {n: loaded[n] if n in loaded else reference_runner(n, args.task, teacher_runner)
                                   for n in names}
     if args.finish_progress is not None:
-        runners = {n: TeacherFinishedRunner(r, teacher, args.finish_progress)
-                   if isinstance(r, TorchRunner) and r.sampler is None and r.image_size is None else r
-                   for n, r in runners.items()}
+        runners = {n: TeacherFinishedRunner.of(r, teacher, args.finish_progress)
+                   if TeacherFinishedRunner.finishable(r) else r for n, r in runners.items()}
     obs = mmd_observations(args, teacher_runner.n_obs_steps, teacher_runner.horizon)
     reference = teacher_reference(teacher, obs, args.mmd_draws, args.seed)
     results, stats = {}, {}
