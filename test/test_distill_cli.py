@@ -17,7 +17,7 @@ import torch
 
 from koopman_distill.cli import main
 from koopman_distill.data import file_sha256, read_teacher_data
-from koopman_distill.evaluate import rollout
+from koopman_distill.evaluate import reference_runner, rollout
 from koopman_distill.runners import TeacherFinishedRunner, load_runner
 from koopman_policy.checkpoint import load_policy
 from koopman_policy.registry import STUDENT_METHODS
@@ -190,6 +190,29 @@ def test_noise_scale_multiplies_the_noise_the_policy_is_given(pipeline, capsys):
     assert "--noise-scale must be positive, got 0.0" in capsys.readouterr().err
     assert main([*args, "--noise-scale", "1.5", "--update-cards"]) == 2
     assert "--update-cards records a model's own evaluation" in capsys.readouterr().err
+
+
+def test_episodes_in_lockstep_are_the_episodes_one_by_one(pipeline, capsys):
+    # random_target acts on its noise, hold on its history: each sees what it would one by one (random_target's
+    # normal CDF may round a batch differently in the last bit).
+    like = load_runner(str(pipeline / "teacher"), "torch")
+    for name in ("random_target", "hold"):
+        runner = reference_runner(name, "pusht", like)
+        one, grouped = (rollout(runner, 5, 1000, task="pusht", progress=False, keep_histories=True, batch=b)
+                        for b in (1, 3))
+        assert one.successes == grouped.successes and len(one.histories) == len(grouped.histories)
+        np.testing.assert_allclose(grouped.coverages, one.coverages, rtol=1e-9)
+        assert len(grouped.latencies_ms) < len(one.latencies_ms)  # one call per decision of the group
+        for a, b in [*zip(one.paths, grouped.paths, strict=True), *zip(one.histories, grouped.histories, strict=True)]:
+            np.testing.assert_allclose(b, a, atol=1e-6)
+    out = pipeline / "eval_lockstep" / "results.json"
+    args = ["eval", "--policies", str(pipeline / "teacher"), "--teacher", str(pipeline / "teacher"), "--episodes", "3",
+            "--mmd-obs", "3", "--mmd-draws", "4", "--json", str(out), "--batch-episodes", "2"]
+    assert main(args) == 0
+    ((_, r),) = json.loads(out.read_text()).items()
+    assert r["episodes"] == 3 and r["batch_episodes"] == 2
+    assert main([*args, "--update-cards"]) == 2
+    assert "1 with --update-cards (a card records the latency of one decision; got 2)" in capsys.readouterr().err
 
 
 def test_visited_histories_are_labelled_by_the_teacher(pipeline, capsys):

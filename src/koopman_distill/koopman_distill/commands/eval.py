@@ -63,6 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finish-progress", type=float, default=None,
                    help="diagnosis: each student's chunk finished by the teacher's DDIM-30 from this progress, "
                         "re-noised with its own noise (what teacher-data --refine records; PyTorch checkpoints)")
+    p.add_argument("--batch-episodes", type=int, default=1,
+                   help="run this many episodes in lockstep, one batched policy call per decision (faster for a "
+                        "multi-step teacher; the latency is then that of a batched call; default 1)")
     p.add_argument("--update-cards", action="store_true",
                    help="record each policy's results in its model card under 'evaluation'")
     p.add_argument("--mode-states", type=int, default=0,
@@ -237,6 +240,9 @@ def run(args: argparse.Namespace) -> int:
     if args.noise_scale != 1.0 and args.update_cards:
         raise ValueError(f"--update-cards records a model's own evaluation, not one at --noise-scale "
                          f"{args.noise_scale}")
+    if args.batch_episodes < 1 or (args.batch_episodes > 1 and args.update_cards):
+        raise ValueError(f"--batch-episodes must be at least 1, and 1 with --update-cards (a card records the "
+                         f"latency of one decision; got {args.batch_episodes})")
     if args.finish_progress is not None and (args.update_cards or not _refine_start_ok(args.finish_progress)):
         raise ValueError(f"--finish-progress must lie in (0, 1) with a step of DDIM-30 left either side, and is a "
                          f"diagnosis --update-cards does not record (got {args.finish_progress})")
@@ -258,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
     results, stats = {}, {}
     for name, runner in runners.items():
         stats[name] = rollout(runner, args.episodes, args.seed, task=args.task, noise_per=args.noise_per,
-                              noise_scale=args.noise_scale)
+                              noise_scale=args.noise_scale, batch=args.batch_episodes)
         camera = {"camera": runner.camera, "image_size": list(runner.image_size)} if runner.image_size else {}
         results[name] = {
             "task": args.task,
@@ -268,6 +274,7 @@ def run(args: argparse.Namespace) -> int:
             **camera,
             "sampler": runner.sampler,
             **({"noise_scale": args.noise_scale} if args.noise_scale != 1.0 else {}),
+            **({"batch_episodes": args.batch_episodes} if args.batch_episodes > 1 else {}),
             **({"finished_by_teacher_from": args.finish_progress} if isinstance(runner, TeacherFinishedRunner) else {}),
             **stats[name].summary(),
             "mmd_to_teacher": None if runner.image_size else mmd_to_teacher(runner, teacher, obs, reference,
