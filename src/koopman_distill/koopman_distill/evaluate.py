@@ -269,7 +269,7 @@ def rollout(runner: Runner, episodes: int, seed: int, task: str = "gen3_reach_ob
         raise ValueError(f"noise_per must be 'episode' or 'decision', got {noise_per!r}")
     if not (math.isfinite(noise_scale) and noise_scale > 0):
         raise ValueError(f"noise_scale must be a positive number, got {noise_scale!r}")
-    made = [make_env(task, runner) for _ in range(min(batch, episodes))]
+    made = [make_env(task, runner) for _ in range(min(batch, max(episodes, 1)))]  # one checks the columns
     envs, cols = [env for env, _ in made], made[0][1]
     stats = RolloutStats(task=task)
     start = runner.n_obs_steps - 1
@@ -285,8 +285,8 @@ def rollout(runner: Runner, episodes: int, seed: int, task: str = "gen3_reach_ob
                         [_tracked_point(task, env)])
 
     with tqdm(total=episodes, desc=runner.name, disable=not progress, dynamic_ncols=True) as bar:
-        for first in range(0, episodes, batch):
-            group = [begin(env, seed + first + k) for k, env in enumerate(envs[: episodes - first])]
+        for group_start in range(0, episodes, batch):
+            group = [begin(env, seed + group_start + k) for k, env in enumerate(envs[: episodes - group_start])]
             while live := [ep for ep in group if not ep.done]:
                 observation = (np.stack([np.stack(ep.history) for ep in live]).astype(np.float32),)
                 if runner.image_size:
